@@ -96,3 +96,9 @@ class ModelMismatch(FaceServeError):
 
 class ServiceUnavailable(FaceServeError):
     code = "unavailable"
+
+
+class IndexCorrupt(FaceServeError):
+    """An index snapshot that is truncated, tampered with, or not ours."""
+
+    code = "index_corrupt"

@@ -1,0 +1,435 @@
+"""One collection's vectors in a FAISS index, importable without Ray.
+
+``CollectionIndex`` keeps (id, vector) pairs for one gallery collection and
+answers top-k similarity queries. Two layouts:
+
+* ``kind="flat"`` (default): ``IndexIDMap2(IndexFlatIP)`` -- exact search.
+* ``kind="ivf"``: ``IndexIVFFlat`` with inner product, for large galleries;
+  it must be trained (``train``) before vectors are added, and ``nprobe``
+  trades recall for speed.
+
+Scores are "higher is better": the inner product for ``metric="ip"`` (the
+cosine similarity when vectors are L2-normalised, as our embedders return
+them), and the *negated* squared distance for ``metric="l2"``. Rows with
+fewer than k hits are padded with id -1 and score -inf.
+
+Ids are non-negative int64 (-1 is the padding sentinel). Adding an id that is
+already present replaces its vector. ``snapshot(seq)`` serialises the index
+with a small self-describing header carrying the change-log sequence number
+the snapshot reflects, so a replica can restore it and replay the log from
+there; ``restore`` refuses truncated, tampered or foreign blobs with
+``IndexCorrupt``.
+
+Thread-safety: searches run concurrently (FAISS CPU indexes allow concurrent
+reads); add/remove/train/nprobe changes take an exclusive lock.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import faiss
+import numpy as np
+
+from models.errors import IndexCorrupt, InvalidRequest
+
+__all__ = ["CollectionIndex", "SNAPSHOT_FORMAT_VERSION"]
+
+KINDS = ("flat", "ivf")
+METRICS = ("ip", "l2")
+
+# Snapshot layout: MAGIC | uint16 version | uint32 header length | JSON header | faiss bytes
+_MAGIC = b"FSIDX\x00"
+_PREFIX = struct.Struct("<HI")
+SNAPSHOT_FORMAT_VERSION = 1
+_MAX_HEADER = 64 * 1024
+
+
+class _RWLock:
+    """Many readers or one writer; a waiting writer blocks new readers."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            try:
+                while self._writer or self._readers:
+                    self._cond.wait()
+            finally:
+                self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+def _check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InvalidRequest(f"{name} must be a positive integer, got {value!r}", field=name)
+    return int(value)
+
+
+class CollectionIndex:
+    """Top-k similarity search over one collection's vectors."""
+
+    def __init__(
+        self,
+        dim: int,
+        metric: str = "ip",
+        kind: str = "flat",
+        nlist: int = 256,
+        nprobe: int = 16,
+    ) -> None:
+        self.dim = _check_positive_int("dim", dim)
+        if metric not in METRICS:
+            raise InvalidRequest(f"metric must be one of {METRICS}, got {metric!r}", field="metric")
+        if kind not in KINDS:
+            raise InvalidRequest(f"kind must be one of {KINDS}, got {kind!r}", field="kind")
+        self.metric = metric
+        self.kind = kind
+        self.nlist = _check_positive_int("nlist", nlist)
+        self._nprobe = _check_positive_int("nprobe", nprobe)
+        self._lock = _RWLock()
+        self._index = self._build()
+
+    # ------------------------------------------------------------ construction
+    def _faiss_metric(self) -> int:
+        return faiss.METRIC_INNER_PRODUCT if self.metric == "ip" else faiss.METRIC_L2
+
+    def _build(self) -> faiss.Index:
+        if self.kind == "flat":
+            flat = faiss.IndexFlatIP(self.dim) if self.metric == "ip" else faiss.IndexFlatL2(self.dim)
+            return faiss.IndexIDMap2(flat)
+        quantizer = faiss.IndexFlatIP(self.dim) if self.metric == "ip" else faiss.IndexFlatL2(self.dim)
+        ivf = faiss.IndexIVFFlat(quantizer, self.dim, self.nlist, self._faiss_metric())
+        # (faiss's Python wrapper keeps the quantizer alive with the index)
+        # A hash-table direct map gives O(1) per-id remove and lookup.
+        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+        ivf.nprobe = min(self._nprobe, self.nlist)
+        return ivf
+
+    # ------------------------------------------------------------- validation
+    def _vectors(self, vectors: object, what: str = "vectors") -> np.ndarray:
+        arr = np.asarray(vectors)
+        if arr.ndim != 2 or arr.shape[1] != self.dim:
+            raise InvalidRequest(
+                f"{what} must have shape (n, {self.dim}), got {arr.shape}", field=what
+            )
+        if not np.issubdtype(arr.dtype, np.floating):
+            raise InvalidRequest(f"{what} must be floating point, got dtype {arr.dtype}", field=what)
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        if not np.isfinite(arr).all():
+            raise InvalidRequest(f"{what} contain NaN or infinite values", field=what)
+        return arr
+
+    @staticmethod
+    def _ids(ids: object, n: int | None = None) -> np.ndarray:
+        arr = np.asarray(ids)
+        if arr.ndim == 0:
+            arr = arr.reshape(1)
+        if arr.ndim != 1:
+            raise InvalidRequest(f"ids must be one-dimensional, got shape {arr.shape}", field="ids")
+        if arr.size and not np.issubdtype(arr.dtype, np.integer):
+            raise InvalidRequest(f"ids must be integers, got dtype {arr.dtype}", field="ids")
+        if arr.dtype == np.uint64 and arr.size and arr.max() > np.iinfo(np.int64).max:
+            raise InvalidRequest("ids must fit in int64", field="ids")
+        arr = np.ascontiguousarray(arr, dtype=np.int64)
+        if arr.size and arr.min() < 0:
+            raise InvalidRequest("ids must be non-negative (-1 marks an empty result slot)", field="ids")
+        if n is not None and arr.shape[0] != n:
+            raise InvalidRequest(
+                f"got {arr.shape[0]} ids for {n} vectors", field="ids"
+            )
+        return arr
+
+    # ------------------------------------------------------------- properties
+    @property
+    def nprobe(self) -> int:
+        return self._nprobe
+
+    @nprobe.setter
+    def nprobe(self, value: int) -> None:
+        value = _check_positive_int("nprobe", value)
+        with self._lock.write():
+            self._nprobe = value
+            if self.kind == "ivf":
+                self._index.nprobe = min(value, self.nlist)
+
+    @property
+    def is_trained(self) -> bool:
+        return bool(self._index.is_trained)
+
+    def __len__(self) -> int:
+        return int(self._index.ntotal)
+
+    def __repr__(self) -> str:
+        extra = f", nlist={self.nlist}, nprobe={self._nprobe}" if self.kind == "ivf" else ""
+        return (
+            f"CollectionIndex(dim={self.dim}, metric={self.metric!r}, kind={self.kind!r}"
+            f"{extra}, ntotal={len(self)})"
+        )
+
+    # -------------------------------------------------------------- mutations
+    def train(self, vectors: np.ndarray) -> None:
+        """Train the IVF coarse quantizer (a no-op for the flat kind).
+
+        Needs at least ``nlist`` vectors; FAISS wants ~39 per list for good
+        centroids. Training again after vectors were added is refused.
+        """
+        x = self._vectors(vectors)
+        if self.kind == "flat":
+            return
+        if x.shape[0] < self.nlist:
+            raise InvalidRequest(
+                f"IVF training needs at least nlist={self.nlist} vectors, got {x.shape[0]}",
+                field="vectors",
+            )
+        with self._lock.write():
+            if self._index.ntotal:
+                raise InvalidRequest("cannot retrain an IVF index that already holds vectors")
+            self._index.train(x)
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Add vectors under ``ids``; an id already present has its vector replaced."""
+        x = self._vectors(vectors)
+        id_arr = self._ids(ids, x.shape[0])
+        if id_arr.size == 0:
+            return
+        if np.unique(id_arr).size != id_arr.size:
+            raise InvalidRequest("ids within one add() call must be unique", field="ids")
+        if not self._index.is_trained:
+            raise InvalidRequest("IVF index is not trained: call train() before add()")
+        with self._lock.write():
+            if self._index.ntotal:
+                self._remove_locked(id_arr)
+            self._index.add_with_ids(x, id_arr)
+
+    def remove(self, ids: np.ndarray) -> int:
+        """Remove ``ids``; absent ids are ignored. Returns how many were removed."""
+        id_arr = self._ids(ids)
+        if id_arr.size == 0:
+            return 0
+        with self._lock.write():
+            if not self._index.ntotal:
+                return 0
+            return self._remove_locked(np.unique(id_arr))
+
+    def _remove_locked(self, id_arr: np.ndarray) -> int:
+        if self.kind == "ivf":
+            # The hash-table direct map only accepts an explicit id array.
+            selector = faiss.IDSelectorArray(id_arr)
+        else:
+            selector = faiss.IDSelectorBatch(id_arr)
+        return int(self._index.remove_ids(selector))
+
+    def clear(self) -> None:
+        """Drop every vector (an IVF index keeps its training)."""
+        with self._lock.write():
+            self._index.reset()
+
+    # ---------------------------------------------------------------- queries
+    def contains(self, id: int) -> bool:
+        if isinstance(id, bool) or not isinstance(id, (int, np.integer)) or id < 0:
+            return False
+        with self._lock.read():
+            if not self._index.ntotal:
+                return False
+            try:
+                self._index.reconstruct(int(id))
+            except RuntimeError:  # FAISS reports an unknown id this way
+                return False
+            return True
+
+    def __contains__(self, id: object) -> bool:
+        return self.contains(id)  # type: ignore[arg-type]
+
+    def ids(self) -> np.ndarray:
+        """All ids in the index (int64; storage order, not sorted)."""
+        with self._lock.read():
+            if self.kind == "flat":
+                return faiss.vector_to_array(self._index.id_map).astype(np.int64, copy=False)
+            invlists = self._index.invlists
+            parts = []
+            for list_no in range(self._index.nlist):
+                size = invlists.list_size(list_no)
+                if size:
+                    ptr = invlists.get_ids(list_no)
+                    parts.append(faiss.rev_swig_ptr(ptr, size).copy())
+                    invlists.release_ids(list_no, ptr)
+            return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+
+    def get_vectors(self, ids: np.ndarray) -> np.ndarray:
+        """The stored vectors for ``ids`` (raises InvalidRequest for an unknown id)."""
+        id_arr = self._ids(ids)
+        out = np.empty((id_arr.size, self.dim), dtype=np.float32)
+        with self._lock.read():
+            for row, i in enumerate(id_arr):
+                try:
+                    out[row] = self._index.reconstruct(int(i))
+                except RuntimeError:
+                    raise InvalidRequest(f"id {int(i)} is not in the index", field="ids") from None
+        return out
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` per query: ``(scores (m,k) float32, ids (m,k) int64)``, best first.
+
+        Slots beyond the number of stored vectors hold id -1 and score -inf.
+        """
+        q = self._vectors(queries, "queries")
+        k = _check_positive_int("k", k)
+        m = q.shape[0]
+        scores = np.full((m, k), -np.inf, dtype=np.float32)
+        labels = np.full((m, k), -1, dtype=np.int64)
+        if m == 0:
+            return scores, labels
+        with self._lock.read():
+            ntotal = int(self._index.ntotal)
+            if ntotal == 0:
+                return scores, labels
+            kk = min(k, ntotal)
+            dist, found = self._index.search(q, kk)
+        valid = found >= 0
+        if self.metric == "l2":
+            dist = -dist
+        scores[:, :kk] = np.where(valid, dist, -np.inf)
+        labels[:, :kk] = np.where(valid, found, -1)
+        return scores, labels
+
+    # ------------------------------------------------------ snapshot/restore
+    def snapshot(self, seq: int = 0) -> bytes:
+        """Serialise the index with a header recording ``seq``.
+
+        ``seq`` is the change-log sequence number this index reflects (every
+        change up to and including it is applied). 0 means "replay from the
+        start"; replaying is idempotent since re-adding replaces.
+        """
+        if isinstance(seq, bool) or not isinstance(seq, (int, np.integer)) or seq < 0:
+            raise InvalidRequest(f"seq must be a non-negative integer, got {seq!r}", field="seq")
+        with self._lock.read():
+            payload = faiss.serialize_index(self._index).tobytes()
+            ntotal = int(self._index.ntotal)
+        header = {
+            "format": SNAPSHOT_FORMAT_VERSION,
+            "dim": self.dim,
+            "metric": self.metric,
+            "kind": self.kind,
+            "nlist": self.nlist,
+            "nprobe": self._nprobe,
+            "ntotal": ntotal,
+            "seq": int(seq),
+            "payload_len": len(payload),
+            "payload_sha256": hashlib.sha256(payload).hexdigest(),
+        }
+        hbytes = json.dumps(header, sort_keys=True).encode("utf-8")
+        return b"".join([_MAGIC, _PREFIX.pack(SNAPSHOT_FORMAT_VERSION, len(hbytes)), hbytes, payload])
+
+    @classmethod
+    def read_snapshot_header(cls, data: bytes | bytearray | memoryview) -> dict:
+        """The validated header of a snapshot blob (cheap: does not load the index)."""
+        header, _ = cls._split(data)
+        return header
+
+    @staticmethod
+    def _split(data: bytes | bytearray | memoryview) -> tuple[dict, memoryview]:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise IndexCorrupt(f"snapshot must be bytes, got {type(data).__name__}")
+        view = memoryview(data).cast("B")
+        start = len(_MAGIC) + _PREFIX.size
+        if len(view) < start or bytes(view[: len(_MAGIC)]) != _MAGIC:
+            raise IndexCorrupt("not a faceserve index snapshot (bad magic)")
+        version, hlen = _PREFIX.unpack(view[len(_MAGIC) : start])
+        if version != SNAPSHOT_FORMAT_VERSION:
+            raise IndexCorrupt(
+                f"unsupported index snapshot format {version} (this build reads {SNAPSHOT_FORMAT_VERSION})"
+            )
+        if hlen > _MAX_HEADER or len(view) < start + hlen:
+            raise IndexCorrupt("index snapshot header is truncated")
+        try:
+            header = json.loads(bytes(view[start : start + hlen]).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise IndexCorrupt(f"index snapshot header is unreadable: {exc}") from None
+        required = {
+            "format": int, "dim": int, "metric": str, "kind": str, "nlist": int, "nprobe": int,
+            "ntotal": int, "seq": int, "payload_len": int, "payload_sha256": str,
+        }
+        if not isinstance(header, dict):
+            raise IndexCorrupt("index snapshot header is not an object")
+        for key, typ in required.items():
+            if not isinstance(header.get(key), typ) or isinstance(header.get(key), bool):
+                raise IndexCorrupt(f"index snapshot header lacks a valid {key!r}")
+        if header["format"] != version:
+            raise IndexCorrupt("index snapshot header disagrees with its format version")
+        if header["kind"] not in KINDS or header["metric"] not in METRICS:
+            raise IndexCorrupt(
+                f"index snapshot has unknown kind/metric {header['kind']!r}/{header['metric']!r}"
+            )
+        if header["dim"] < 1 or header["nlist"] < 1 or header["nprobe"] < 1 or header["seq"] < 0:
+            raise IndexCorrupt("index snapshot header has out-of-range values")
+        payload = view[start + hlen :]
+        if len(payload) != header["payload_len"]:
+            raise IndexCorrupt(
+                f"index snapshot payload is {len(payload)} bytes, header says {header['payload_len']}"
+            )
+        if hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:
+            raise IndexCorrupt("index snapshot checksum mismatch")
+        return header, payload
+
+    @classmethod
+    def restore(cls, data: bytes | bytearray | memoryview) -> tuple[CollectionIndex, int]:
+        """Rebuild an index from ``snapshot()`` bytes; returns ``(index, seq)``."""
+        header, payload = cls._split(data)
+        try:
+            index = faiss.deserialize_index(np.frombuffer(payload, dtype=np.uint8))
+        except Exception as exc:  # FAISS raises RuntimeError on malformed bytes
+            raise IndexCorrupt(f"index snapshot payload does not deserialise: {exc}") from None
+        expected = faiss.IndexIDMap2 if header["kind"] == "flat" else faiss.IndexIVFFlat
+        if not isinstance(index, expected):
+            raise IndexCorrupt(
+                f"index snapshot holds a {type(index).__name__}, expected {expected.__name__}"
+            )
+        metric = faiss.METRIC_INNER_PRODUCT if header["metric"] == "ip" else faiss.METRIC_L2
+        if index.d != header["dim"] or index.metric_type != metric or index.ntotal != header["ntotal"]:
+            raise IndexCorrupt("index snapshot payload disagrees with its header (dim/metric/ntotal)")
+        if header["kind"] == "ivf":
+            if index.nlist != header["nlist"]:
+                raise IndexCorrupt("index snapshot payload disagrees with its header (nlist)")
+            if index.direct_map.type != faiss.DirectMap.Hashtable:
+                index.set_direct_map_type(faiss.DirectMap.Hashtable)
+        obj = cls.__new__(cls)
+        obj.dim = header["dim"]
+        obj.metric = header["metric"]
+        obj.kind = header["kind"]
+        obj.nlist = header["nlist"]
+        obj._nprobe = header["nprobe"]
+        obj._lock = _RWLock()
+        obj._index = index
+        if obj.kind == "ivf":
+            index.nprobe = min(obj._nprobe, obj.nlist)
+        return obj, header["seq"]

@@ -1,0 +1,227 @@
+"""`faceserve`: start/stop the service, enrol a folder, identify, verify models."""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="faceserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("start", help="start Ray, the database if needed, and the app")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--data-dir", type=Path, default=None, help="default ./data")
+    p.add_argument("--num-cpus", type=int, default=4, help="logical CPUs Ray may hand out")
+    p.add_argument("--detach", action="store_true", help="return once ready instead of waiting")
+    p.set_defaults(func=_cmd_start)
+
+    p = sub.add_parser("stop", help="stop the app, Ray and the embedded database")
+    p.add_argument("--data-dir", type=Path, default=None)
+    p.set_defaults(func=_cmd_stop)
+
+    p = sub.add_parser("enroll-folder", help="enrol DIR/<person>/<photos> through the HTTP API")
+    p.add_argument("folder", type=Path)
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--collection", default=None)
+    p.add_argument("--largest", action="store_true", help="take the largest face of group photos")
+    p.add_argument("--liveness", default=None, choices=["off", "flag", "block"])
+    p.add_argument("--api-key", default=None)
+    p.set_defaults(func=_cmd_enroll_folder)
+
+    p = sub.add_parser("identify", help="identify the faces in an image")
+    p.add_argument("image", type=Path)
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--collection", default=None)
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--api-key", default=None)
+    p.set_defaults(func=_cmd_identify)
+
+    p = sub.add_parser("models", help="weights: list where each model is found and check it")
+    p.add_argument("action", choices=["verify"])
+    p.set_defaults(func=_cmd_models)
+
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+# ---------------------------------------------------------------- service
+def _cmd_start(args: argparse.Namespace) -> int:
+    from serve_app import cluster
+    from serve_app.embedded_pg import start_embedded_postgres
+    from serve_app.settings import load_settings
+
+    settings = load_settings()
+    data_dir = (args.data_dir or settings.data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    app_args: dict[str, Any] = {}
+    if settings.database_url is None:
+        print(f"DATABASE_URL not set: starting embedded PostgreSQL under {data_dir / 'pg'}")
+        app_args["database_url"] = start_embedded_postgres(data_dir)
+    if settings.object_store_url == "file://./data/objects":
+        app_args["object_store_url"] = f"file://{data_dir / 'objects'}"
+    models_dir = settings.models_dir or _default_models_dir()
+    if models_dir:
+        app_args["models_dir"] = str(Path(models_dir).resolve())
+    ports = cluster.ClusterPorts(http=args.port, http_host=args.host)
+    if not cluster.ray_running(ports):
+        print(f"starting Ray (GCS :{ports.gcs}, dashboard {ports.dashboard_url}, metrics :{ports.metrics})")
+        cluster.start_ray_head(ports, num_cpus=args.num_cpus)
+    config = cluster.deploy_config(app_args, ports)
+    cluster.serve_deploy(config, ports, data_dir)
+    print("deploying faceserve; waiting until it is ready (models load, database migrates)...")
+    cluster.wait_ready(ports.http_url, timeout_s=600)
+    print(f"faceserve is ready: {ports.http_url}  (API docs {ports.http_url}/docs, "
+          f"Ray dashboard {ports.dashboard_url})")
+    if args.detach:
+        return 0
+    stop = {"now": False}
+
+    def _stop(*_: Any) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    print("Ctrl-C stops it.")
+    while not stop["now"]:
+        time.sleep(0.5)
+    return _cmd_stop(argparse.Namespace(data_dir=data_dir))
+
+
+def _cmd_stop(args: argparse.Namespace) -> int:
+    from serve_app import cluster
+    from serve_app.embedded_pg import stop_embedded_postgres
+    from serve_app.settings import load_settings
+
+    data_dir = (args.data_dir or load_settings().data_dir).resolve()
+    ports = cluster.ClusterPorts()
+    if cluster.ray_running(ports):
+        cluster.serve_shutdown(ports)
+    cluster.stop_ray()
+    if stop_embedded_postgres(data_dir):
+        print("embedded PostgreSQL stopped")
+    print("faceserve stopped")
+    return 0
+
+
+def _default_models_dir() -> str | None:
+    # A checkout sits beside ../shared/models on the build machines.
+    candidate = Path(__file__).resolve().parents[2] / "shared" / "models"
+    return str(candidate) if candidate.is_dir() else None
+
+
+# ---------------------------------------------------------------- clients
+def _client(url: str, api_key: str | None):  # noqa: ANN202 - httpx is imported lazily
+    import httpx
+
+    headers = {"X-API-Key": api_key} if api_key else {}
+    return httpx.Client(base_url=url, headers=headers, timeout=120)
+
+
+def _cmd_enroll_folder(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    folder: Path = args.folder
+    if not folder.is_dir():
+        print(f"not a folder: {folder}", file=sys.stderr)
+        return 2
+    people = sorted(p for p in folder.iterdir() if p.is_dir())
+    jobs = [
+        (person, photo)
+        for person in people
+        for photo in sorted(person.iterdir())
+        if photo.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    if not jobs:
+        print(f"no <person>/<photo> images under {folder}", file=sys.stderr)
+        return 2
+    params = {k: v for k, v in {"collection": args.collection}.items() if v}
+    failures: list[str] = []
+    enrolled = 0
+    subject_ids: dict[str, str] = {}
+    with _client(args.url, args.api_key) as client:
+        for person, photo in tqdm(jobs, desc="enrolling", unit="photo"):
+            name = person.name
+            if name not in subject_ids:
+                subject_ids[name] = _ensure_subject(client, name, params)
+            data: dict[str, str] = {}
+            if args.largest:
+                data["largest"] = "true"
+            if args.liveness:
+                data["liveness"] = args.liveness
+            with photo.open("rb") as fh:
+                r = client.post(
+                    f"/v1/subjects/{subject_ids[name]}/faces",
+                    params=params,
+                    files={"image": (photo.name, fh)},
+                    data=data,
+                )
+            if r.status_code == 201:
+                enrolled += 1
+            else:
+                failures.append(f"{photo}: {r.status_code} {_reason(r)}")
+    print(f"enrolled {enrolled} of {len(jobs)} photos for {len(subject_ids)} subjects")
+    for line in failures:
+        print(f"  failed {line}", file=sys.stderr)
+    return 0 if not failures else 1
+
+
+def _ensure_subject(client: Any, name: str, params: dict[str, str]) -> str:
+    r = client.post("/v1/subjects", params=params, json={"name": name})
+    if r.status_code == 201:
+        return r.json()["id"]
+    if r.status_code == 409:
+        found = client.get("/v1/subjects", params={**params, "name": name}).json()["subjects"]
+        if found:
+            return found[0]["id"]
+    r.raise_for_status()
+    raise RuntimeError(f"could not create subject {name}: {r.status_code} {r.text}")
+
+
+def _reason(r: Any) -> str:
+    try:
+        return r.json()["error"]["message"]
+    except Exception:
+        return r.text[:200]
+
+
+def _cmd_identify(args: argparse.Namespace) -> int:
+    with _client(args.url, args.api_key) as client, args.image.open("rb") as fh:
+        params: dict[str, Any] = {"top_k": args.top_k}
+        if args.collection:
+            params["collection"] = args.collection
+        r = client.post("/v1/identify", params=params, files={"image": (args.image.name, fh)})
+    print(json.dumps(r.json(), indent=2))
+    return 0 if r.status_code == 200 else 1
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from models.weights import verify_all
+
+    models_dir = _default_models_dir()
+    import os
+
+    if models_dir and not os.environ.get("FACE_MODELS_DIR"):
+        os.environ["FACE_MODELS_DIR"] = models_dir
+    rows = verify_all()
+    ok = True
+    for row in rows:
+        status = "ok" if row["ok"] else "FAILED"
+        where = row.get("path") or row.get("error", "")
+        print(f"{row['name']:18} {status:6} {row.get('source') or '-':16} {where}")
+        # FaceNet's weights are optional (fetched from upstream on first use).
+        if not row["ok"] and row["name"] != "facenet_vggface2":
+            ok = False
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,155 @@
+"""Starting a local Ray cluster and deploying faceserve onto it.
+
+Shared by `faceserve start` and the integration tests, so the tests run the
+app exactly the way a user does: `ray start` + `serve deploy` of
+serve_config.yaml with the app args filled in.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SERVE_CONFIG = REPO_ROOT / "serve_config.yaml"
+
+
+@dataclass
+class ClusterPorts:
+    # Ray's GCS defaults to 6379, Redis's port: always pick another.
+    gcs: int = 6380
+    dashboard: int = 8265
+    metrics: int = 8080
+    http: int = 8000
+    http_host: str = "127.0.0.1"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.http_host}:{self.http}"
+
+
+def ray_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # A local ray.init() can leave a token that silently switches later
+    # clusters to token auth; say what we want.
+    env.setdefault("RAY_AUTH_MODE", "disabled")
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    return env
+
+
+def _bin(name: str) -> str:
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else (shutil.which(name) or name)
+
+
+def start_ray_head(ports: ClusterPorts, *, num_cpus: int = 4, temp_dir: str | None = None) -> None:
+    cmd = [
+        _bin("ray"), "start", "--head",
+        f"--port={ports.gcs}",
+        f"--num-cpus={num_cpus}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={ports.dashboard}",
+        f"--metrics-export-port={ports.metrics}",
+        "--disable-usage-stats",
+    ]
+    if temp_dir:
+        cmd.append(f"--temp-dir={temp_dir}")
+    subprocess.run(cmd, check=True, env=ray_env(), capture_output=True, text=True)
+
+
+def ray_running(ports: ClusterPorts) -> bool:
+    try:
+        with urllib.request.urlopen(f"{ports.dashboard_url}/api/version", timeout=2):
+            return True
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def stop_ray() -> None:
+    subprocess.run([_bin("ray"), "stop", "--force"], env=ray_env(), capture_output=True)
+
+
+def deploy_config(
+    app_args: dict[str, Any],
+    ports: ClusterPorts,
+    *,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    base: Path = SERVE_CONFIG,
+) -> dict[str, Any]:
+    """serve_config.yaml with the app's args and HTTP address filled in.
+
+    overrides: {deployment name: {option: value}} merged into that deployment.
+    """
+    config = yaml.safe_load(base.read_text())
+    config = copy.deepcopy(config)
+    config["http_options"] = {"host": ports.http_host, "port": ports.http}
+    app = config["applications"][0]
+    app["args"] = {**app.get("args", {}), **app_args}
+    for dep in app.get("deployments", []):
+        for key, value in (overrides or {}).get(dep["name"], {}).items():
+            if isinstance(value, dict) and isinstance(dep.get(key), dict):
+                dep[key] = {**dep[key], **value}
+            else:
+                dep[key] = value
+    return config
+
+
+def serve_deploy(config: dict[str, Any], ports: ClusterPorts, workdir: Path) -> Path:
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "serve_config.generated.yaml"
+    # The generated file can hold a database URL: owner-only.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        yaml.safe_dump(config, fh, sort_keys=False)
+    subprocess.run(
+        [_bin("serve"), "deploy", str(path), "--address", ports.dashboard_url],
+        check=True, env=ray_env(), capture_output=True, text=True,
+    )
+    return path
+
+
+def serve_shutdown(ports: ClusterPorts) -> None:
+    subprocess.run(
+        [_bin("serve"), "shutdown", "-y", "--address", ports.dashboard_url],
+        env=ray_env(), capture_output=True, text=True,
+    )
+
+
+def wait_ready(url: str, timeout_s: float = 300.0) -> dict[str, Any]:
+    """Poll /readyz until the app answers 200; raise with the last answer."""
+    deadline = time.monotonic() + timeout_s
+    last: str = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=5) as resp:
+                if resp.status == 200:
+                    return json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            last = f"{err.code} {err.read()[:300]!r}"
+        except (urllib.error.URLError, OSError) as err:
+            last = str(err)
+        time.sleep(1.0)
+    raise TimeoutError(f"faceserve at {url} not ready after {timeout_s:.0f}s: {last}")
+
+
+def serve_status(ports: ClusterPorts) -> str:
+    out = subprocess.run(
+        [_bin("serve"), "status", "--address", ports.dashboard_url],
+        env=ray_env(), capture_output=True, text=True,
+    )
+    return out.stdout + out.stderr

@@ -1,0 +1,73 @@
+"""Liveness deployment: passive anti-spoofing on the detector's context crops."""
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from models.liveness import LivenessModel
+from serve_app.messages import DetectionResult, LivenessResult
+from serve_app.metrics import ServiceMetrics
+from serve_app.settings import Settings
+
+
+@serve.deployment(name="Liveness", ray_actor_options={"num_cpus": 0.3})
+class Liveness:
+    def __init__(self, settings: Settings) -> None:
+        settings.apply_models_dir()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="liveness")
+        self._model = LivenessModel(threads=settings.inference_threads)
+        self._threshold = 0.5
+        self._metrics = ServiceMetrics()
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        self._threshold = float(config.get("threshold", self._threshold))
+        self.check_batch.set_max_batch_size(int(config.get("max_batch_size", 32)))
+        self.check_batch.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.005)))
+
+    async def check(self, detection: DetectionResult) -> LivenessResult:
+        return await self.check_batch(detection)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def check_batch(self, detections: list[DetectionResult]) -> list[LivenessResult]:
+        counts = [len(d) for d in detections]
+        t0 = time.perf_counter()
+        if sum(counts):
+            crops = {}
+            for d in detections:
+                if d.liveness_crops is None and len(d):
+                    raise ValueError("detection was made without liveness crops")
+            scales = next(d.liveness_crops for d in detections if len(d)).keys()
+            for scale in scales:
+                crops[scale] = np.concatenate(
+                    [d.liveness_crops[scale] for d in detections if len(d)]
+                )
+            loop = asyncio.get_running_loop()
+            scores = await loop.run_in_executor(self._executor, self._model.predict, crops)
+        else:
+            scores = np.zeros((0,), np.float32)
+        ms = (time.perf_counter() - t0) * 1000.0
+        for s in scores:
+            live = bool(s >= self._threshold)
+            self._metrics.liveness_checks.inc(tags={"outcome": "live" if live else "spoof"})
+            self._metrics.liveness_score.observe(float(s))
+        if sum(counts):
+            self._metrics.observe_stages({"liveness": ms})
+        out, start = [], 0
+        for n in counts:
+            out.append(
+                LivenessResult(
+                    scores=scores[start : start + n].astype(np.float32),
+                    threshold=self._threshold,
+                    timings_ms={"liveness": round(ms, 3)},
+                )
+            )
+            start += n
+        return out
+
+    def ready(self) -> bool:
+        return self._model is not None

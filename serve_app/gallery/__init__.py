@@ -1,0 +1,1 @@
+"""The gallery: Postgres (source of truth) and object storage for face crops."""

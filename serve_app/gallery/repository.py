@@ -1,0 +1,445 @@
+"""All of faceserve's SQL, over one asyncpg pool.
+
+Every change to a collection (face added, face removed, subject removed) is
+one transaction that also appends to the `changes` log, so a matcher replica
+that replays the log ends with exactly the rows Postgres holds.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import numpy as np
+
+from models.errors import Conflict, FaceNotFound, InvalidRequest, SubjectNotFound
+
+from .migrations import migrate
+
+# Held by every transaction that appends to `changes`, taken before the seq is
+# drawn: bigserial values can otherwise commit out of order, and a matcher
+# that had already read past a late-committing seq would never see it.
+_CHANGELOG_LOCK = 0x4C4F47  # "LOG"
+
+
+async def _lock_changelog(conn: asyncpg.Connection) -> None:
+    await conn.execute("SELECT pg_advisory_xact_lock($1)", _CHANGELOG_LOCK)
+
+
+@dataclass(frozen=True)
+class Collection:
+    id: int
+    name: str
+    embedder: str
+    dim: int
+
+
+@dataclass
+class Subject:
+    id: uuid.UUID
+    collection: str
+    name: str
+    metadata: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+    face_count: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": str(self.id),
+            "collection": self.collection,
+            "name": self.name,
+            "metadata": self.metadata,
+            "face_count": self.face_count,
+            "created_at": self.created_at.isoformat(),
+            "updated_at": self.updated_at.isoformat(),
+        }
+
+
+@dataclass
+class FaceRecord:
+    id: int
+    subject_id: uuid.UUID
+    model: str
+    image_sha256: str
+    crop_key: str | None
+    box: dict[str, float]
+    det_score: float
+    created_at: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "subject_id": str(self.subject_id),
+            "model": self.model,
+            "image_sha256": self.image_sha256,
+            "box": self.box,
+            "det_score": self.det_score,
+            "created_at": self.created_at.isoformat(),
+        }
+
+
+@dataclass
+class Change:
+    seq: int
+    collection_id: int
+    op: str
+    face_id: int
+    subject_id: uuid.UUID
+    embedding: np.ndarray | None = field(default=None, repr=False)
+
+
+@dataclass
+class RemovedFaces:
+    """What a delete took out of Postgres; the caller cleans object storage."""
+
+    seq: int
+    face_ids: list[int]
+    crop_keys: list[str]
+
+
+def _vec_to_bytes(vec: np.ndarray) -> bytes:
+    return np.ascontiguousarray(vec, dtype="<f4").tobytes()
+
+
+def bytes_to_vec(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype="<f4").astype(np.float32)
+
+
+def parse_subject_id(raw: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(str(raw))
+    except ValueError:
+        raise SubjectNotFound(f"no subject with id {raw!r}", subject_id=str(raw)) from None
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        dsn, min_size=min_size, max_size=max_size, init=_init_connection, command_timeout=30
+    )
+    async with pool.acquire() as conn:
+        await migrate(conn)
+    return pool
+
+
+class GalleryRepository:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    # --- health / pool ------------------------------------------------------
+    async def ping(self) -> None:
+        async with self.pool.acquire() as conn:
+            await conn.fetchval("SELECT 1")
+
+    def pool_stats(self) -> tuple[int, int]:
+        """(size, in use) of the pool, for the DB-pool-exhausted alert."""
+        size = self.pool.get_size()
+        return size, size - self.pool.get_idle_size()
+
+    # --- collections --------------------------------------------------------
+    async def ensure_collection(self, name: str, embedder: str, dim: int) -> Collection:
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(
+                """INSERT INTO collections (name, embedder, dim) VALUES ($1, $2, $3)
+                   ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name
+                   RETURNING id, name, embedder, dim""",
+                name, embedder, dim,
+            )
+        return Collection(**dict(row))
+
+    async def create_collection(self, name: str, embedder: str, dim: int) -> Collection:
+        async with self.pool.acquire() as conn:
+            try:
+                row = await conn.fetchrow(
+                    "INSERT INTO collections (name, embedder, dim) VALUES ($1, $2, $3) "
+                    "RETURNING id, name, embedder, dim",
+                    name, embedder, dim,
+                )
+            except asyncpg.UniqueViolationError:
+                raise Conflict(f"collection {name!r} already exists", collection=name) from None
+        return Collection(**dict(row))
+
+    async def get_collection(self, name: str) -> Collection | None:
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(
+                "SELECT id, name, embedder, dim FROM collections WHERE name = $1", name
+            )
+        return Collection(**dict(row)) if row else None
+
+    async def list_collections(self) -> list[Collection]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch("SELECT id, name, embedder, dim FROM collections ORDER BY id")
+        return [Collection(**dict(r)) for r in rows]
+
+    # --- subjects -----------------------------------------------------------
+    _SUBJECT_COLS = """s.id, c.name AS collection, s.name, s.metadata, s.created_at, s.updated_at,
+                       (SELECT count(*) FROM faces f WHERE f.subject_id = s.id) AS face_count"""
+
+    async def create_subject(
+        self, collection: Collection, name: str, metadata: dict[str, Any] | None = None
+    ) -> Subject:
+        name = _clean_name(name)
+        async with self.pool.acquire() as conn:
+            try:
+                await conn.execute(
+                    "INSERT INTO subjects (id, collection_id, name, metadata) VALUES ($1, $2, $3, $4)",
+                    uuid.uuid4(), collection.id, name, metadata or {},
+                )
+            except asyncpg.UniqueViolationError:
+                raise Conflict(
+                    f"a subject named {name!r} already exists in collection {collection.name!r}",
+                    name=name,
+                ) from None
+            row = await conn.fetchrow(
+                f"SELECT {self._SUBJECT_COLS} FROM subjects s JOIN collections c ON c.id = s.collection_id "
+                "WHERE s.collection_id = $1 AND s.name = $2",
+                collection.id, name,
+            )
+        return Subject(**dict(row))
+
+    async def get_subject(self, collection: Collection, subject_id: uuid.UUID) -> Subject:
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(
+                f"SELECT {self._SUBJECT_COLS} FROM subjects s JOIN collections c ON c.id = s.collection_id "
+                "WHERE s.id = $1 AND s.collection_id = $2",
+                subject_id, collection.id,
+            )
+        if row is None:
+            raise SubjectNotFound(f"no subject with id {subject_id}", subject_id=str(subject_id))
+        return Subject(**dict(row))
+
+    async def find_subject_by_name(self, collection: Collection, name: str) -> Subject | None:
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(
+                f"SELECT {self._SUBJECT_COLS} FROM subjects s JOIN collections c ON c.id = s.collection_id "
+                "WHERE s.collection_id = $1 AND s.name = $2",
+                collection.id, name,
+            )
+        return Subject(**dict(row)) if row else None
+
+    async def list_subjects(
+        self, collection: Collection, *, limit: int, after: tuple[datetime, uuid.UUID] | None
+    ) -> list[Subject]:
+        """Keyset pagination on (created_at, id): stable under inserts/deletes."""
+        async with self.pool.acquire() as conn:
+            if after is None:
+                rows = await conn.fetch(
+                    f"SELECT {self._SUBJECT_COLS} FROM subjects s JOIN collections c ON c.id = s.collection_id "
+                    "WHERE s.collection_id = $1 ORDER BY s.created_at, s.id LIMIT $2",
+                    collection.id, limit,
+                )
+            else:
+                rows = await conn.fetch(
+                    f"SELECT {self._SUBJECT_COLS} FROM subjects s JOIN collections c ON c.id = s.collection_id "
+                    "WHERE s.collection_id = $1 AND (s.created_at, s.id) > ($2, $3) "
+                    "ORDER BY s.created_at, s.id LIMIT $4",
+                    collection.id, after[0], after[1], limit,
+                )
+        return [Subject(**dict(r)) for r in rows]
+
+    async def count_subjects(self, collection: Collection) -> int:
+        async with self.pool.acquire() as conn:
+            return await conn.fetchval(
+                "SELECT count(*) FROM subjects WHERE collection_id = $1", collection.id
+            )
+
+    async def rename_subject(
+        self, collection: Collection, subject_id: uuid.UUID, name: str
+    ) -> Subject:
+        name = _clean_name(name)
+        async with self.pool.acquire() as conn:
+            try:
+                status = await conn.execute(
+                    "UPDATE subjects SET name = $1, updated_at = now() WHERE id = $2 AND collection_id = $3",
+                    name, subject_id, collection.id,
+                )
+            except asyncpg.UniqueViolationError:
+                raise Conflict(f"a subject named {name!r} already exists", name=name) from None
+        if status.endswith(" 0"):
+            raise SubjectNotFound(f"no subject with id {subject_id}", subject_id=str(subject_id))
+        return await self.get_subject(collection, subject_id)
+
+    async def delete_subject(self, collection: Collection, subject_id: uuid.UUID) -> RemovedFaces:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await _lock_changelog(conn)
+            exists = await conn.fetchval(
+                "SELECT 1 FROM subjects WHERE id = $1 AND collection_id = $2 FOR UPDATE",
+                subject_id, collection.id,
+            )
+            if not exists:
+                raise SubjectNotFound(f"no subject with id {subject_id}", subject_id=str(subject_id))
+            faces = await conn.fetch(
+                "DELETE FROM faces WHERE subject_id = $1 RETURNING id, crop_key", subject_id
+            )
+            seq = await self._log_removals(conn, collection.id, subject_id, [f["id"] for f in faces])
+            await conn.execute("DELETE FROM subjects WHERE id = $1", subject_id)
+        return RemovedFaces(
+            seq=seq,
+            face_ids=[f["id"] for f in faces],
+            crop_keys=[f["crop_key"] for f in faces if f["crop_key"]],
+        )
+
+    # --- faces ----------------------------------------------------------------
+    async def add_face(
+        self,
+        collection: Collection,
+        subject_id: uuid.UUID,
+        *,
+        embedding: np.ndarray,
+        model: str,
+        image_sha256: str,
+        crop_key: str | None,
+        box: dict[str, float],
+        det_score: float,
+    ) -> tuple[FaceRecord, int]:
+        if model != collection.embedder or embedding.shape != (collection.dim,):
+            raise InvalidRequest(
+                f"embedding from {model} ({embedding.shape[0]}-d) does not fit collection "
+                f"{collection.name!r} ({collection.embedder}, {collection.dim}-d)"
+            )
+        async with self.pool.acquire() as conn, conn.transaction():
+            await _lock_changelog(conn)
+            # Lock the subject row so a concurrent delete cannot orphan this face.
+            exists = await conn.fetchval(
+                "SELECT 1 FROM subjects WHERE id = $1 AND collection_id = $2 FOR UPDATE",
+                subject_id, collection.id,
+            )
+            if not exists:
+                raise SubjectNotFound(f"no subject with id {subject_id}", subject_id=str(subject_id))
+            row = await conn.fetchrow(
+                """INSERT INTO faces (subject_id, collection_id, embedding, model, dim,
+                                      image_sha256, crop_key, box, det_score)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                   RETURNING id, subject_id, model, image_sha256, crop_key, box, det_score, created_at""",
+                subject_id, collection.id, _vec_to_bytes(embedding), model, collection.dim,
+                image_sha256, crop_key, box, float(det_score),
+            )
+            seq = await conn.fetchval(
+                "INSERT INTO changes (collection_id, op, face_id, subject_id) "
+                "VALUES ($1, 'add', $2, $3) RETURNING seq",
+                collection.id, row["id"], subject_id,
+            )
+            await conn.execute("UPDATE subjects SET updated_at = now() WHERE id = $1", subject_id)
+        return FaceRecord(**dict(row)), seq
+
+    async def list_faces(self, collection: Collection, subject_id: uuid.UUID) -> list[FaceRecord]:
+        await self.get_subject(collection, subject_id)
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT id, subject_id, model, image_sha256, crop_key, box, det_score, created_at "
+                "FROM faces WHERE subject_id = $1 ORDER BY id",
+                subject_id,
+            )
+        return [FaceRecord(**dict(r)) for r in rows]
+
+    async def subject_embeddings(
+        self, collection: Collection, subject_id: uuid.UUID
+    ) -> tuple[list[str], np.ndarray]:
+        """(models, embeddings) of a subject's faces, for 1:1 verify against a subject."""
+        await self.get_subject(collection, subject_id)
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT model, embedding FROM faces WHERE subject_id = $1 ORDER BY id", subject_id
+            )
+        if not rows:
+            return [], np.zeros((0, collection.dim), np.float32)
+        return [r["model"] for r in rows], np.stack([bytes_to_vec(r["embedding"]) for r in rows])
+
+    async def delete_face(
+        self, collection: Collection, subject_id: uuid.UUID, face_id: int
+    ) -> RemovedFaces:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await _lock_changelog(conn)
+            row = await conn.fetchrow(
+                "DELETE FROM faces WHERE id = $1 AND subject_id = $2 AND collection_id = $3 "
+                "RETURNING id, crop_key",
+                face_id, subject_id, collection.id,
+            )
+            if row is None:
+                raise FaceNotFound(
+                    f"subject {subject_id} has no face {face_id}", face_id=face_id
+                )
+            seq = await self._log_removals(conn, collection.id, subject_id, [row["id"]])
+            await conn.execute("UPDATE subjects SET updated_at = now() WHERE id = $1", subject_id)
+        return RemovedFaces(seq=seq, face_ids=[row["id"]], crop_keys=[row["crop_key"]] if row["crop_key"] else [])
+
+    @staticmethod
+    async def _log_removals(
+        conn: asyncpg.Connection, collection_id: int, subject_id: uuid.UUID, face_ids: list[int]
+    ) -> int:
+        if not face_ids:
+            # A subject with no faces still changes the log, so the caller
+            # always gets a sequence number to wait for.
+            return await conn.fetchval("SELECT coalesce(max(seq), 0) FROM changes")
+        rows = await conn.fetch(
+            "INSERT INTO changes (collection_id, op, face_id, subject_id) "
+            "SELECT $1, 'remove', f, $2 FROM unnest($3::bigint[]) AS f RETURNING seq",
+            collection_id, subject_id, face_ids,
+        )
+        return max(r["seq"] for r in rows)
+
+    async def subject_names(self, subject_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
+        if not subject_ids:
+            return {}
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT id, name FROM subjects WHERE id = ANY($1::uuid[])", subject_ids
+            )
+        return {r["id"]: r["name"] for r in rows}
+
+    # --- change log (matcher side) -----------------------------------------
+    async def load_all(self) -> tuple[int, list[Change]]:
+        """Every face now in the gallery plus the log position it reflects.
+
+        Read in one REPEATABLE READ snapshot so the seq and rows agree.
+        """
+        async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            seq = await conn.fetchval("SELECT coalesce(max(seq), 0) FROM changes")
+            rows = await conn.fetch(
+                "SELECT id, collection_id, subject_id, embedding FROM faces ORDER BY id"
+            )
+        return seq, [
+            Change(seq, r["collection_id"], "add", r["id"], r["subject_id"], bytes_to_vec(r["embedding"]))
+            for r in rows
+        ]
+
+    async def changes_since(self, seq: int, limit: int = 5000) -> list[Change]:
+        """Log entries after seq; adds carry the embedding if the face still exists.
+
+        Writers serialise on _CHANGELOG_LOCK, so seq order is commit order and
+        a reader never skips a seq that commits later.
+        """
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                """SELECT c.seq, c.collection_id, c.op, c.face_id, c.subject_id, f.embedding
+                   FROM changes c LEFT JOIN faces f ON f.id = c.face_id AND c.op = 'add'
+                   WHERE c.seq > $1 ORDER BY c.seq LIMIT $2""",
+                seq, limit,
+            )
+        return [
+            Change(
+                r["seq"], r["collection_id"], r["op"], r["face_id"], r["subject_id"],
+                bytes_to_vec(r["embedding"]) if r["embedding"] is not None else None,
+            )
+            for r in rows
+        ]
+
+    async def latest_seq(self) -> int:
+        async with self.pool.acquire() as conn:
+            return await conn.fetchval("SELECT coalesce(max(seq), 0) FROM changes")
+
+
+def _clean_name(name: str) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidRequest("subject name must be a non-empty string")
+    name = name.strip()
+    if len(name) > 256:
+        raise InvalidRequest("subject name must be at most 256 characters")
+    return name
