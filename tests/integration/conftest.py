@@ -1,0 +1,128 @@
+"""One real faceserve per test session: Ray head + `serve deploy` + real Postgres.
+
+The app is started exactly as `faceserve start` does it (serve_app.cluster),
+on ports of its own so a developer's running instance is left alone, against
+a fresh database on the PostgreSQL server at 127.0.0.1:5432 that is dropped
+afterwards.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import asyncpg
+import httpx
+import pytest
+
+from serve_app import cluster
+from tests.conftest import MODELS_DIR
+
+ADMIN_DSN = os.environ.get("FACESERVE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("FACESERVE_TEST_REDIS", "redis://127.0.0.1:6379/0")
+PORTS = cluster.ClusterPorts(gcs=6390, dashboard=8275, metrics=8090, http=18000)
+
+# Small, fixed replica counts: a 2-core machine, and tests want determinism.
+TEST_OVERRIDES: dict[str, dict[str, Any]] = {
+    name: {
+        "autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
+        "ray_actor_options": {"num_cpus": 0.1},
+    }
+    for name in ("Ingress", "Detector", "Embedder", "Liveness", "Matcher")
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.integration)
+
+
+def _dsn_for(dbname: str) -> str:
+    base, _, _ = ADMIN_DSN.rpartition("/")
+    return f"{base}/{dbname}"
+
+
+async def _admin(sql: str) -> None:
+    conn = await asyncpg.connect(ADMIN_DSN)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@dataclass
+class LiveApp:
+    url: str
+    database_url: str
+    object_dir: Path
+    ports: cluster.ClusterPorts
+    workdir: Path
+
+    def client(self, **kw: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=120, **kw)
+
+    def redeploy(self, overrides: dict[str, dict[str, Any]] | None = None) -> None:
+        """Take the app down and deploy it again (a restart of every replica)."""
+        cluster.serve_shutdown(self.ports)
+        cluster.serve_deploy(self._config(overrides), self.ports, self.workdir)
+        cluster.wait_ready(self.url, timeout_s=300)
+
+    def _config(self, overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+        merged = {k: dict(v) for k, v in TEST_OVERRIDES.items()}
+        for name, opts in (overrides or {}).items():
+            merged.setdefault(name, {}).update(opts)
+        return cluster.deploy_config(
+            {
+                "database_url": self.database_url,
+                "object_store_url": f"file://{self.object_dir}",
+                "models_dir": str(MODELS_DIR),
+                "redis_url": REDIS_URL,
+            },
+            self.ports,
+            overrides=merged,
+        )
+
+
+@pytest.fixture(scope="session")
+def live_app() -> Iterator[LiveApp]:
+    dbname = f"faceserve_it_{uuid.uuid4().hex[:10]}"
+    asyncio.run(_admin(f'CREATE DATABASE "{dbname}"'))
+    workdir = Path(tempfile.mkdtemp(prefix="faceserve-it-"))
+    app = LiveApp(
+        url=PORTS.http_url,
+        database_url=_dsn_for(dbname),
+        object_dir=workdir / "objects",
+        ports=PORTS,
+        workdir=workdir,
+    )
+    started_ray = False
+    try:
+        if not cluster.ray_running(PORTS):
+            cluster.start_ray_head(PORTS, num_cpus=4, temp_dir="/tmp/ray-faceserve-it")
+            started_ray = True
+        cluster.serve_deploy(app._config(), PORTS, workdir)
+        try:
+            cluster.wait_ready(app.url, timeout_s=420)
+        except TimeoutError:
+            print(cluster.serve_status(PORTS))
+            raise
+        yield app
+    finally:
+        cluster.serve_shutdown(PORTS)
+        if started_ray:
+            cluster.stop_ray()
+        asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)'))
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture()
+def client(live_app: LiveApp) -> Iterator[httpx.Client]:
+    with live_app.client() as c:
+        yield c
