@@ -50,7 +50,7 @@ class WeightSpec:
 class ResolvedWeights:
     spec: WeightSpec
     path: Path
-    source: str  # "FACE_MODELS_DIR" | "package" | "cache"
+    source: str  # "FACE_MODELS_DIR" | "package" | "cache" (| "explicit" from verify_file)
 
 
 def load_manifest(path: Path | None = None) -> dict[str, WeightSpec]:
@@ -213,6 +213,20 @@ def resolve_weights(
         f"weights {name!r} ({spec.file}) not found; tried: " + "; ".join(tried),
         name=name, file=spec.file, tried=tried,
     )
+
+
+def verify_file(name: str, path: Path | str, *, manifest: dict[str, WeightSpec] | None = None) -> ResolvedWeights:
+    """Check an explicitly given file (a ``weights_path=`` override) against the
+    manifest entry ``name``: an override moves the file, it does not waive the pin."""
+    specs = manifest if manifest is not None else load_manifest()
+    spec = specs.get(name)
+    if spec is None:
+        raise WeightsNotFound(f"no weights named {name!r} in the manifest (known: {sorted(specs)})", name=name)
+    p = Path(path)
+    if not p.is_file():
+        raise WeightsNotFound(f"weights {name!r}: {p} does not exist", name=name, file=str(p), tried=[str(p)])
+    _check(spec, p)
+    return ResolvedWeights(spec, p, "explicit")
 
 
 def verify_all(
