@@ -82,10 +82,10 @@ class Detector:
 
 
 def _liveness_crops(image: np.ndarray, faces: list) -> dict[float, np.ndarray]:
-    from models.liveness import LIVENESS_SCALES, liveness_crop
+    from models.liveness import LIVENESS_SPECS, liveness_crop
 
     out: dict[float, np.ndarray] = {}
-    for scale in LIVENESS_SCALES:
+    for scale in (spec.scale for spec in LIVENESS_SPECS):
         if faces:
             out[scale] = np.stack([liveness_crop(image, f.box, scale) for f in faces])
         else:

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from ray import serve
 
-from models.liveness import LivenessModel
+from models.liveness import DEFAULT_LIVE_THRESHOLD, LivenessModel
 from serve_app.messages import DetectionResult, LivenessResult
 from serve_app.metrics import ServiceMetrics
 from serve_app.settings import Settings
@@ -20,8 +20,8 @@ class Liveness:
     def __init__(self, settings: Settings) -> None:
         settings.apply_models_dir()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="liveness")
-        self._model = LivenessModel(threads=settings.inference_threads)
-        self._threshold = 0.5
+        self._model = LivenessModel(num_threads=settings.inference_threads)
+        self._threshold = DEFAULT_LIVE_THRESHOLD
         self._metrics = ServiceMetrics()
 
     def reconfigure(self, config: dict[str, Any]) -> None:

@@ -1,0 +1,57 @@
+"""ObjectStore on a local directory and on a real S3-protocol server (moto) on loopback."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from serve_app.gallery.objects import ObjectStore
+
+
+@pytest.fixture(scope="module")
+def s3_url() -> str:
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("faceserve-test")
+    yield "s3://faceserve-test/crops-root"
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.mark.parametrize("backend", ["file", "s3"])
+async def test_put_get_delete(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    url = f"file://{tmp_path}/objects" if backend == "file" else request.getfixturevalue("s3_url")
+    store = ObjectStore(url)
+    await store.aput("crops/c/s/a.jpg", b"\xff\xd8abc")
+    await store.aput("crops/c/s/b.jpg", b"\xff\xd8def")
+    assert store.get("crops/c/s/a.jpg") == b"\xff\xd8abc"
+    assert store.list("crops/c") == ["crops/c/s/a.jpg", "crops/c/s/b.jpg"]
+    assert await store.adelete_many(["crops/c/s/a.jpg", "crops/c/s/missing.jpg"]) == []
+    assert not store.exists("crops/c/s/a.jpg") and store.exists("crops/c/s/b.jpg")
+
+
+def test_keys_cannot_escape_the_root(tmp_path: Path) -> None:
+    store = ObjectStore(f"file://{tmp_path}")
+    for bad in ("../x", "/abs", "", "a/../../b"):
+        with pytest.raises(ValueError):
+            store.put(bad, b"x")
