@@ -29,6 +29,7 @@ STATUS: dict[type[e.FaceServeError], int] = {
     e.MultipleFaces: 422,
     e.SpoofDetected: 422,
     e.ServiceUnavailable: 503,
+    e.IndexCorrupt: 503,
     e.WeightsError: 503,
 }
 

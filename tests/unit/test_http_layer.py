@@ -1,0 +1,162 @@
+"""The HTTP edge without Ray: request parsing, error mapping, config generation."""
+from __future__ import annotations
+
+import base64
+import inspect
+from typing import Any
+
+import pytest
+import yaml
+from fastapi import FastAPI, Request
+from fastapi.testclient import TestClient
+
+from models import errors
+from serve_app import http_errors
+from serve_app.cluster import ClusterPorts, deploy_config
+from serve_app.request_images import as_bool, as_int, parse_request
+
+LIMIT = 1000
+
+
+def _echo_app() -> FastAPI:
+    app = FastAPI()
+    http_errors.install(app)
+
+    @app.post("/echo")
+    async def echo(request: Request) -> dict[str, Any]:
+        parsed = await parse_request(request, max_bytes=LIMIT)
+        return {
+            "images": {k: len(v) for k, v in parsed.images.items()},
+            "fields": {k: v for k, v in parsed.fields.items()},
+        }
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def http() -> TestClient:
+    return TestClient(_echo_app())
+
+
+def test_multipart_json_and_raw_bodies(http: TestClient) -> None:
+    r = http.post("/echo?top_k=3", files={"image": ("a.jpg", b"x" * 10)}, data={"liveness": "flag"})
+    assert r.json() == {"images": {"image": 10}, "fields": {"top_k": "3", "liveness": "flag"}}
+    b64 = base64.b64encode(b"y" * 20).decode()
+    r = http.post("/echo", json={"image1": b64, "image2": f"data:image/png;base64,{b64}", "subject_id": "s"})
+    assert r.json() == {"images": {"image1": 20, "image2": 20}, "fields": {"subject_id": "s"}}
+    r = http.post("/echo", content=b"z" * 30, headers={"content-type": "image/jpeg"})
+    assert r.json()["images"] == {"image": 30}
+
+
+@pytest.mark.parametrize(
+    "kwargs, status, code",
+    [
+        ({"files": {"image": ("a.jpg", b"x" * (LIMIT + 1))}}, 413, "image_too_large"),
+        ({"json": {"image": "not base64!!"}}, 400, "invalid_request"),
+        ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "invalid_request"),
+        ({"json": [1, 2]}, 400, "invalid_request"),
+        ({"content": b"abc", "headers": {"content-type": "text/plain"}}, 415, "unsupported_media_type"),
+    ],
+)
+def test_bad_bodies_are_4xx_with_a_reason(http: TestClient, kwargs: dict, status: int, code: str) -> None:
+    r = http.post("/echo", **kwargs)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["code"] == code
+    assert r.json()["error"]["message"]
+
+
+def test_every_domain_error_has_an_explicit_status() -> None:
+    classes = [
+        c for _, c in inspect.getmembers(errors, inspect.isclass)
+        if issubclass(c, errors.FaceServeError) and c is not errors.FaceServeError
+    ]
+    assert classes
+    for cls in classes:
+        status = http_errors.status_for(cls("x"))
+        assert status != 500, f"{cls.__name__} would be a 500"
+        assert cls.code != errors.FaceServeError.code, f"{cls.__name__} needs its own code"
+
+
+def test_unwrap_finds_the_domain_error_in_a_chain() -> None:
+    inner = errors.NoFaceFound("none")
+    try:
+        try:
+            raise inner
+        except errors.NoFaceFound as exc:
+            raise RuntimeError("wrapped") from exc
+    except RuntimeError as outer:
+        assert http_errors.unwrap(outer) is inner
+    plain = ValueError("x")
+    assert http_errors.unwrap(plain) is plain
+
+
+def test_field_coercion() -> None:
+    assert as_bool("true", "x") and not as_bool("0", "x") and not as_bool(None, "x")
+    with pytest.raises(errors.InvalidRequest):
+        as_bool("maybe", "x")
+    assert as_int(None, "k", default=5, lo=1, hi=10) == 5
+    assert as_int("7", "k", default=5, lo=1, hi=10) == 7
+    for bad in ("0", "11", "seven"):
+        with pytest.raises(errors.InvalidRequest):
+            as_int(bad, "k", default=5, lo=1, hi=10)
+
+
+def test_generated_deploy_config_is_valid_for_serve() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    ports = ClusterPorts(http=18123, http_host="127.0.0.1")
+    cfg = deploy_config(
+        {"database_url": "postgresql://u@h/db"},
+        ports,
+        overrides={"Detector": {"autoscaling_config": {"max_replicas": 1}, "ray_actor_options": {"num_cpus": 0.1}}},
+    )
+    ServeDeploySchema.model_validate(cfg)
+    app = cfg["applications"][0]
+    assert app["args"]["database_url"] == "postgresql://u@h/db"
+    assert cfg["http_options"] == {"host": "127.0.0.1", "port": 18123}
+    det = next(d for d in app["deployments"] if d["name"] == "Detector")
+    assert det["autoscaling_config"]["max_replicas"] == 1
+    assert det["autoscaling_config"]["min_replicas"] == 1  # merged, not replaced
+    assert det["ray_actor_options"]["num_cpus"] == 0.1
+
+
+def test_serve_config_names_every_deployment_in_the_graph() -> None:
+    from serve_app.cluster import SERVE_CONFIG
+
+    cfg = yaml.safe_load(SERVE_CONFIG.read_text())
+    names = {d["name"] for d in cfg["applications"][0]["deployments"]}
+    assert names == {"Ingress", "Detector", "Embedder", "Liveness", "Matcher"}
+    for dep in cfg["applications"][0]["deployments"]:
+        assert 0 < dep["ray_actor_options"]["num_cpus"] < 1, "2-core machines need fractions"
+        assert "autoscaling_config" in dep and "user_config" in dep
+
+
+def test_settings_secrets_and_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    from serve_app.settings import load_settings
+
+    monkeypatch.setenv("DATABASE_URL", "postgresql://env/db")
+    monkeypatch.setenv("FACESERVE_API_KEY", "s3cret")
+    s = load_settings()
+    assert s.database_dsn() == "postgresql://env/db"
+    assert "s3cret" not in repr(s) and "env/db" not in repr(s)
+    s = load_settings(database_url="postgresql://arg/db", redis_url=None)
+    assert s.database_dsn() == "postgresql://arg/db"
+
+
+def test_migration_files_are_well_named() -> None:
+    from serve_app.gallery.migrations import migration_files
+
+    versions = [v for v, _ in migration_files()]
+    assert versions == sorted(versions) and versions[0] == 1
+
+
+def test_cursor_round_trip_and_garbage() -> None:
+    import uuid
+    from datetime import datetime, timezone
+
+    from serve_app.deployments.ingress import _decode_cursor, _encode_cursor
+
+    ts, sid = datetime.now(timezone.utc), uuid.uuid4()
+    assert _decode_cursor(_encode_cursor(ts, sid)) == (ts, sid)
+    with pytest.raises(errors.InvalidRequest):
+        _decode_cursor("garbage")
