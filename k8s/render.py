@@ -10,7 +10,9 @@ loudly instead of rendering wrongly.
 Supported kustomization keys:
   resources   files (multi-document YAML) and directories holding a kustomization
   namespace   sets metadata.namespace on namespaced objects, renames Namespace
-              objects (as kustomize v5 does); RBAC subjects are left alone
+              objects, and sets it on (Cluster)RoleBinding ServiceAccount
+              subjects that have none and name a ServiceAccount of the build
+              (all as kustomize v5 does)
   patches     {path|patch, target?}:
                 - a YAML list  -> JSON6902 (RFC 6902 ops add/remove/replace/test;
                   a ``target`` is required)
@@ -185,12 +187,13 @@ def _smp(base: Any, patch: Any, path: tuple[str, ...], kind: str, builtin: bool)
     if isinstance(patch, list):
         if not builtin or not patch or not all(isinstance(i, dict) for i in patch):
             return copy.deepcopy(patch)  # primitive lists and CR lists: replace
+        if not isinstance(base, list):
+            return copy.deepcopy(patch)  # nothing to merge with: the patch's list
         key = _merge_key(path[-1], path[:-1], kind)
         if key is None:
             raise Unsupported(
                 f"strategic merge of list {'/'.join(path)} in {kind}: use a JSON6902 patch"
             )
-        base = base if isinstance(base, list) else []
         by_key = {item.get(key): item for item in base}
         merged, used = [], set()
         for item in patch:
@@ -327,6 +330,16 @@ def render(directory: str | Path) -> list[dict]:
 
     ns = kust.get("namespace")
     if ns:
+        # Like kustomize: a ServiceAccount subject without a namespace that
+        # names a ServiceAccount of this build gets the new namespace.
+        service_accounts = {o["metadata"]["name"] for o in objects
+                            if o["kind"] == "ServiceAccount"}
+        for o in objects:
+            if o["kind"] in ("RoleBinding", "ClusterRoleBinding"):
+                for subj in o.get("subjects") or []:
+                    if (subj.get("kind") == "ServiceAccount" and not subj.get("namespace")
+                            and subj.get("name") in service_accounts):
+                        subj["namespace"] = ns
         for o in objects:
             md = o.setdefault("metadata", {})
             if o["kind"] == "Namespace":

@@ -6,11 +6,16 @@ tip, right mouth corner, left mouth corner.
 
 Frame-filling faces (ID photos, thumbnails cropped to the face) are a known
 weak spot of sliding-window/anchor detectors: there is no context around the
-face and it touches the border. ``detect()`` therefore runs a second pass when
-the first finds nothing: the image is rescaled to a fixed working size and
-placed on a black canvas with a wide border, so the face sits well inside the
-frame at a scale both detectors handle. The second pass runs only when the
-first found no face, so group photos are unaffected and no duplicates arise.
+face and it touches the border. ``detect()`` therefore runs a second pass on
+the image rescaled to a fixed working size and placed on a black canvas with a
+wide border, so the face sits well inside the frame at a scale both detectors
+handle. The second pass runs only when the first found nothing, or found a
+face covering most of the frame; in the latter case each such face is replaced
+by its best-overlapping second-pass face (one for one, so no duplicates) and
+every other face is kept, so group photos are unaffected. Measured on tight
+crops (90-160 px) of the test photos: the first pass often finds the face but
+MTCNN's landmarks drift badly (SFace similarity to the full photo down to 0.29);
+after the second pass the worst case is 0.83 for both detectors.
 """
 from __future__ import annotations
 
@@ -32,6 +37,11 @@ from models.weights import ResolvedWeights, resolve_weights, verify_file
 # structure to MTCNN), and 0.5 beats 0.25.
 FALLBACK_LONG_SIDE = 320
 FALLBACK_PAD_FRACTION = 0.5
+# A face whose box spans at least this fraction of the image width or height
+# counts as frame-filling and is re-detected on the padded canvas.
+FRAME_FILL_FRACTION = 0.6
+# Minimum IoU for a second-pass face to stand in for a first-pass one.
+REPLACE_MIN_IOU = 0.3
 
 _Raw = tuple[np.ndarray, np.ndarray, np.ndarray]  # boxes (N,4) xyxy, landmarks (N,5,2), scores (N,)
 
@@ -61,6 +71,14 @@ class DetectedFace:
             "landmarks": [[round(float(x), 1), round(float(y), 1)] for x, y in self.landmarks],
             "score": round(float(self.score), 4),
         }
+
+
+def _iou(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
 
 
 def _check_rgb(rgb: np.ndarray) -> np.ndarray:
@@ -98,7 +116,19 @@ class FaceDetector:
         h, w = rgb.shape[:2]
         faces = self._finish(*self._detect_raw(rgb), width=w, height=h)
         if not faces:
-            faces = self._detect_padded(rgb)
+            return self._detect_padded(rgb)
+        filling = [i for i, f in enumerate(faces)
+                   if f.width >= FRAME_FILL_FRACTION * w or f.height >= FRAME_FILL_FRACTION * h]
+        if filling:
+            second = self._detect_padded(rgb)
+            taken: set[int] = set()
+            for i in filling:
+                ious = [(_iou(faces[i].box, g.box), j) for j, g in enumerate(second) if j not in taken]
+                best = max(ious, default=(0.0, -1))
+                if best[0] >= REPLACE_MIN_IOU:
+                    faces[i] = second[best[1]]
+                    taken.add(best[1])
+            faces.sort(key=lambda f: f.area, reverse=True)
         return faces
 
     def _detect_padded(self, rgb: np.ndarray) -> list[DetectedFace]:

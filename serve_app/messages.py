@@ -16,6 +16,7 @@ import numpy as np
 class DetectRequest:
     image: np.ndarray  # (H, W, 3) uint8 RGB
     liveness_crops: bool = False
+    trace: dict[str, str] = field(default_factory=dict)  # W3C context of the caller's span
 
 
 @dataclass
@@ -25,6 +26,7 @@ class DetectionResult:
     liveness_crops: dict[float, np.ndarray] | None  # scale -> (n, 80, 80, 3)
     image_size: tuple[int, int]  # (width, height)
     timings_ms: dict[str, float] = field(default_factory=dict)
+    trace: dict[str, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.faces)
@@ -36,6 +38,7 @@ class EmbeddingResult:
     dim: int
     vectors: np.ndarray  # (n, dim) float32, L2-normalised
     timings_ms: dict[str, float] = field(default_factory=dict)
+    trace: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

@@ -16,7 +16,21 @@ FACES_BOUNDARIES = [0.5, 1.5, 2.5, 3.5, 5.5, 10.5, 20.5, 50.5]
 SCORE_BOUNDARIES = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]
 
 
+class _Off:
+    """Stands in for every metric when metrics are switched off."""
+
+    def inc(self, *_: object, **__: object) -> None: ...
+    def observe(self, *_: object, **__: object) -> None: ...
+    def set(self, *_: object, **__: object) -> None: ...
+
+
 class ServiceMetrics:
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        if not enabled:
+            off = _Off()
+            for name in _METRIC_NAMES:
+                self.__dict__[name] = off  # shadows the cached_property
     @cached_property
     def stage_latency(self) -> serve_metrics.Histogram:
         return serve_metrics.Histogram(
@@ -107,3 +121,8 @@ class ServiceMetrics:
     def observe_stages(self, timings_ms: dict[str, float]) -> None:
         for stage, ms in timings_ms.items():
             self.stage_latency.observe(float(ms), tags={"stage": stage})
+
+
+_METRIC_NAMES = [
+    name for name, value in vars(ServiceMetrics).items() if isinstance(value, cached_property)
+]

@@ -17,6 +17,7 @@ from ray.serve.handle import DeploymentHandle
 
 from models.errors import InvalidRequest
 from serve_app.http_errors import unwrap
+from serve_app.telemetry import carrier_from_current
 from serve_app.messages import (
     DetectionResult,
     DetectRequest,
@@ -86,7 +87,8 @@ class PipelineClient:
         liveness: bool,
         match: MatchSpec | None = None,
     ) -> Analysis:
-        det_resp = self.detector.detect.remote(DetectRequest(image=image, liveness_crops=liveness))
+        request = DetectRequest(image=image, liveness_crops=liveness, trace=carrier_from_current())
+        det_resp = self.detector.detect.remote(request)
         emb_resp = self.embedder.embed.remote(det_resp) if (embed or match) else None
         live_resp = self.liveness.check.remote(det_resp) if liveness else None
         match_resp = (

@@ -38,11 +38,31 @@ class Settings(BaseSettings):
     default_collection: str = "default"
     # Threads each model replica may use for inference (2-core machines: keep small).
     inference_threads: int = 1
+    # Observability: "otlp" (to otlp_endpoint), "console" or "none".
+    trace_exporter: str = "none"
+    otlp_endpoint: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_ENDPOINT", "FACESERVE_OTLP_ENDPOINT"),
+    )
+    trace_schedule_delay_ms: int = 2000
+    # Off only to measure what metrics cost (benchmarks/observability.py).
+    metrics_enabled: bool = True
 
     def database_dsn(self) -> str:
         if self.database_url is None:
             raise RuntimeError("DATABASE_URL is not set")
         return self.database_url.get_secret_value()
+
+    def setup_telemetry(self, deployment: str) -> None:
+        """Per replica process: tracing exporter as configured."""
+        from serve_app.telemetry import setup_tracing
+
+        setup_tracing(
+            f"faceserve.{deployment}",
+            self.trace_exporter,
+            self.otlp_endpoint,
+            self.trace_schedule_delay_ms,
+        )
 
     def apply_models_dir(self) -> None:
         """Point the weights resolver at models_dir (it reads FACE_MODELS_DIR)."""

@@ -14,6 +14,7 @@ from models.detection import make_detector
 from serve_app.messages import DetectionResult, DetectRequest
 from serve_app.metrics import ServiceMetrics
 from serve_app.settings import Settings
+from serve_app.telemetry import now_ns, record_span
 
 ALIGNED_SIZE = 112
 
@@ -22,13 +23,14 @@ ALIGNED_SIZE = 112
 class Detector:
     def __init__(self, settings: Settings) -> None:
         settings.apply_models_dir()
+        settings.setup_telemetry("Detector")
         self._threads = settings.inference_threads
         # One inference thread per replica: the model is not re-entrant and
         # the replica's CPU share is a fraction of a core anyway.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detect")
         self._config: dict[str, Any] = {}
         self._detector = make_detector("yunet")
-        self._metrics = ServiceMetrics()
+        self._metrics = ServiceMetrics(settings.metrics_enabled)
         _limit_threads(self._threads)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
@@ -55,17 +57,20 @@ class Detector:
 
     def _run_one(self, request: DetectRequest) -> DetectionResult:
         image = request.image
-        t0 = time.perf_counter()
+        n0, t0 = now_ns(), time.perf_counter()
         faces = self._detector.detect(image)
-        t1 = time.perf_counter()
+        n1, t1 = now_ns(), time.perf_counter()
         aligned = (
             align_faces(image, faces, ALIGNED_SIZE)
             if faces
             else np.zeros((0, ALIGNED_SIZE, ALIGNED_SIZE, 3), np.uint8)
         )
         crops = _liveness_crops(image, faces) if request.liveness_crops else None
-        t2 = time.perf_counter()
+        n2, t2 = now_ns(), time.perf_counter()
         timings = {"detect": (t1 - t0) * 1000.0, "align": (t2 - t1) * 1000.0}
+        hop = record_span(request.trace, "Detector.detect", n0, n2, {"faces": len(faces)})
+        record_span(hop, "detect", n0, n1)
+        record_span(hop, "align", n1, n2)
         self._metrics.faces_per_image.observe(len(faces))
         self._metrics.observe_stages({"detect": timings["detect"]})
         h, w = image.shape[:2]
@@ -75,6 +80,7 @@ class Detector:
             liveness_crops=crops,
             image_size=(w, h),
             timings_ms={k: round(v, 3) for k, v in timings.items()},
+            trace=request.trace,
         )
 
     def ready(self) -> bool:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from opentelemetry.trace import SpanKind, Status, StatusCode
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -40,6 +41,7 @@ from serve_app.metrics import ServiceMetrics
 from serve_app.pipeline_client import Analysis, LivenessPolicy, MatchSpec, PipelineClient
 from serve_app.request_images import as_bool, as_int, parse_request
 from serve_app.settings import Settings
+from serve_app.telemetry import access_logger, current_trace_id, mark_error, span_from, tracer
 from serve_app.timing import StageTimer
 
 log = logging.getLogger("ray.serve")
@@ -109,6 +111,7 @@ class Ingress:
         liveness: DeploymentHandle,
         matcher: DeploymentHandle,
     ) -> None:
+        settings.setup_telemetry("Ingress")
         self._settings = settings
         self._pipeline = PipelineClient(detector, embedder, liveness, matcher)
         self._embedder = embedder
@@ -119,7 +122,8 @@ class Ingress:
             )
         )
         self._objects = ObjectStore(settings.object_store_url)
-        self._metrics = ServiceMetrics()
+        self._metrics = ServiceMetrics(settings.metrics_enabled)
+        _EDGE["metrics"] = self._metrics
         self._collections: dict[str, Collection] = {}
         self._last_seq = 0  # this replica's newest write: its own reads wait for it
         self._cfg: dict[str, Any] = {
@@ -189,12 +193,13 @@ class Ingress:
 
     async def _decode(self, data: bytes, timer: StageTimer) -> np.ndarray:
         t0 = time.perf_counter()
-        image = await asyncio.to_thread(
-            decode_image,
-            data,
-            max_bytes=int(self._cfg["max_image_bytes"]),
-            max_pixels=int(self._cfg["max_image_pixels"]),
-        )
+        with tracer().start_as_current_span("decode", attributes={"bytes": len(data)}):
+            image = await asyncio.to_thread(
+                decode_image,
+                data,
+                max_bytes=int(self._cfg["max_image_bytes"]),
+                max_pixels=int(self._cfg["max_image_pixels"]),
+            )
         ms = (time.perf_counter() - t0) * 1000.0
         timer.add("decode", ms)
         self._metrics.observe_stages({"decode": ms})
@@ -286,7 +291,7 @@ class Ingress:
         faces = []
         for i in range(len(analysis.detection)):
             face = self._face_json(analysis, i)
-            faces.append({"box": face["box"], "score": face["score"], **face["liveness"]})
+            faces.append({"box": face["box"], "detection_score": face["score"], **face["liveness"]})
         return {"faces": faces, "timings_ms": timer.total()}
 
     @app.post("/v1/verify", tags=["recognition"], openapi_extra=_VERIFY_BODY)
@@ -550,25 +555,51 @@ class Ingress:
         return {"deleted": face_id, "seq": removed.seq}
 
 
+# Per replica process; filled in by Ingress.__init__ (never at import time).
+_EDGE: dict[str, Any] = {}
+
+
 @app.middleware("http")
-async def _count_responses(request: Request, call_next: Any) -> Response:
-    response = await call_next(request)
-    route = request.scope.get("route")
-    path = getattr(route, "path", "unmatched")
-    metrics = _metrics_for(request)
+async def _observe(request: Request, call_next: Any) -> Response:
+    """Root span, request id, trace id header, access log and status counter."""
+    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    t0 = time.perf_counter()
+    with span_from(request.headers, f"{request.method} {request.url.path}", kind=SpanKind.SERVER,
+                   attributes={"http.method": request.method, "http.target": request.url.path,
+                               "faceserve.request_id": request_id}) as sp:
+        trace_id = current_trace_id()
+        try:
+            response = await call_next(request)
+        except Exception as exc:  # unhandled: counted and logged here, then a 500 upstream
+            route = getattr(request.scope.get("route"), "path", "unmatched")
+            mark_error(sp, exc)
+            if (metrics := _EDGE.get("metrics")) is not None:
+                metrics.http_responses.inc(tags={"code": "500", "route": route})
+            access_logger().exception(
+                "%s %s failed", request.method, route,
+                extra={"request_id": request_id, "trace_id": trace_id, "route": route, "status": 500},
+            )
+            raise
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        sp.update_name(f"{request.method} {route}")
+        sp.set_attribute("http.route", route)
+        sp.set_attribute("http.status_code", response.status_code)
+        if response.status_code >= 500:
+            sp.set_status(Status(StatusCode.ERROR))
+    metrics: ServiceMetrics | None = _EDGE.get("metrics")
     if metrics is not None:
-        metrics.http_responses.inc(tags={"code": str(response.status_code), "route": path})
+        metrics.http_responses.inc(tags={"code": str(response.status_code), "route": route})
+    response.headers["x-request-id"] = request_id
+    if trace_id:
+        response.headers["x-trace-id"] = trace_id
+    if route not in ("/healthz", "/readyz"):
+        access_logger().info(
+            "%s %s %s", request.method, route, response.status_code,
+            extra={"request_id": request_id, "trace_id": trace_id, "route": route,
+                   "method": request.method, "status": response.status_code,
+                   "duration_ms": round((time.perf_counter() - t0) * 1000.0, 2)},
+        )
     return response
-
-
-_METRICS: list[ServiceMetrics] = []
-
-
-def _metrics_for(_: Request) -> ServiceMetrics | None:
-    # One per replica process, made on first use (never at import time).
-    if not _METRICS:
-        _METRICS.append(ServiceMetrics())
-    return _METRICS[0]
 
 
 def _single_face(analysis: Analysis, what: str, *, largest: bool) -> int:

@@ -13,16 +13,18 @@ from models.liveness import DEFAULT_LIVE_THRESHOLD, LivenessModel
 from serve_app.messages import DetectionResult, LivenessResult
 from serve_app.metrics import ServiceMetrics
 from serve_app.settings import Settings
+from serve_app.telemetry import now_ns, record_span
 
 
 @serve.deployment(name="Liveness", ray_actor_options={"num_cpus": 0.3})
 class Liveness:
     def __init__(self, settings: Settings) -> None:
         settings.apply_models_dir()
+        settings.setup_telemetry("Liveness")
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="liveness")
         self._model = LivenessModel(num_threads=settings.inference_threads)
         self._threshold = DEFAULT_LIVE_THRESHOLD
-        self._metrics = ServiceMetrics()
+        self._metrics = ServiceMetrics(settings.metrics_enabled)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         self._threshold = float(config.get("threshold", self._threshold))
@@ -35,7 +37,7 @@ class Liveness:
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def check_batch(self, detections: list[DetectionResult]) -> list[LivenessResult]:
         counts = [len(d) for d in detections]
-        t0 = time.perf_counter()
+        n0, t0 = now_ns(), time.perf_counter()
         if sum(counts):
             crops = {}
             for d in detections:
@@ -51,6 +53,7 @@ class Liveness:
         else:
             scores = np.zeros((0,), np.float32)
         ms = (time.perf_counter() - t0) * 1000.0
+        n1 = now_ns()
         for s in scores:
             live = bool(s >= self._threshold)
             self._metrics.liveness_checks.inc(tags={"outcome": "live" if live else "spoof"})
@@ -58,7 +61,8 @@ class Liveness:
         if sum(counts):
             self._metrics.observe_stages({"liveness": ms})
         out, start = [], 0
-        for n in counts:
+        for n, det in zip(counts, detections):
+            record_span(det.trace, "Liveness.check", n0, n1, {"batch.requests": len(detections)})
             out.append(
                 LivenessResult(
                     scores=scores[start : start + n].astype(np.float32),

@@ -22,6 +22,7 @@ from serve_app.gallery.repository import Change, GalleryRepository, create_pool
 from serve_app.messages import EmbeddingResult, Hit, MatchResult
 from serve_app.metrics import ServiceMetrics
 from serve_app.settings import Settings
+from serve_app.telemetry import now_ns, record_span
 
 log = logging.getLogger("ray.serve")
 
@@ -29,6 +30,7 @@ log = logging.getLogger("ray.serve")
 @serve.deployment(name="Matcher", ray_actor_options={"num_cpus": 0.2})
 class Matcher:
     async def __init__(self, settings: Settings) -> None:
+        settings.setup_telemetry("Matcher")
         pool = await create_pool(settings.database_dsn(), min_size=1, max_size=3)
         self._repo = GalleryRepository(pool)
         self._indexes: dict[int, CollectionIndex] = {}
@@ -37,7 +39,7 @@ class Matcher:
         self._sync_lock = asyncio.Lock()
         self._interval = 1.0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="search")
-        self._metrics = ServiceMetrics()
+        self._metrics = ServiceMetrics(settings.metrics_enabled)
         seq, faces = await self._repo.load_all()
         self._apply(faces)
         self._seq = seq
@@ -85,7 +87,7 @@ class Matcher:
     async def search(
         self, embeddings: EmbeddingResult, collection_id: int, k: int, min_seq: int = 0
     ) -> MatchResult:
-        t0 = time.perf_counter()
+        n0, t0 = now_ns(), time.perf_counter()
         if min_seq > self._seq:
             await self.sync()
         index = self._indexes.get(collection_id)
@@ -100,6 +102,10 @@ class Matcher:
             hits = [self._best_per_subject(s, i, k) for s, i in zip(scores, ids)]
         ms = (time.perf_counter() - t0) * 1000.0
         self._metrics.observe_stages({"search": ms})
+        record_span(
+            embeddings.trace, "Matcher.search", n0, now_ns(),
+            {"collection_id": collection_id, "k": k, "index.seq": self._seq},
+        )
         return MatchResult(hits=hits, seq=self._seq, timings_ms={"search": round(ms, 3)})
 
     def _best_per_subject(self, scores: np.ndarray, ids: np.ndarray, k: int) -> list[Hit]:
