@@ -65,6 +65,6 @@ def running_app(
     finally:
         cluster.serve_shutdown(PORTS)
         if started:
-            cluster.stop_ray()
+            cluster.stop_ray("/tmp/ray-faceserve-bench")
         asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)'))
         shutil.rmtree(workdir, ignore_errors=True)

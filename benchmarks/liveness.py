@@ -376,6 +376,8 @@ def part_b(url: str | None, n_requests: int) -> None:
         print(f"  {mode:<10}{_pct(v, 50):>9.1f}{_pct(v, 95):>9.1f}{statistics.fmean(v):>9.1f}")
     print(f"  ratio flag/off: p50 {_pct(on, 50) / _pct(off, 50):.2f}x, "
           f"p95 {_pct(on, 95) / _pct(off, 95):.2f}x, mean {statistics.fmean(on) / statistics.fmean(off):.2f}x")
+    diffs = [b - a for a, b in zip(off, on)]  # the same probe, sent back to back
+    print(f"  paired difference flag - off (same probe, back to back): median {statistics.median(diffs):+.1f} ms")
     print(f"  server-side liveness stage (timings_ms.liveness, flag): p50 {_pct(stage_ms, 50):.1f} ms")
 
 

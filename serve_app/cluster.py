@@ -80,8 +80,45 @@ def ray_running(ports: ClusterPorts) -> bool:
         return False
 
 
-def stop_ray() -> None:
-    subprocess.run([_bin("ray"), "stop", "--force"], env=ray_env(), capture_output=True)
+def stop_ray(temp_dir: str | None = None) -> None:
+    """Stop the Ray cluster rooted at temp_dir, leaving any other cluster alone.
+
+    `ray stop` stops every Ray process on the machine; with a temp_dir we
+    stop only the processes of that cluster (their command lines name its
+    session directory) and everything they spawned (workers rename
+    themselves `ray::...`, so they are found as children).
+    """
+    if temp_dir is None:
+        subprocess.run([_bin("ray"), "stop", "--force"], env=ray_env(), capture_output=True)
+        return
+    import psutil
+
+    marker = f"{temp_dir.rstrip('/')}/session_"
+    roots = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(marker in part for part in (proc.info["cmdline"] or [])):
+                roots.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    victims = {p.pid: p for p in roots}
+    for proc in roots:
+        try:
+            for child in proc.children(recursive=True):
+                victims[child.pid] = child
+        except psutil.NoSuchProcess:
+            continue
+    for proc in victims.values():
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(list(victims.values()), timeout=10)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def deploy_config(

@@ -22,6 +22,7 @@ import pytest
 
 from serve_app import cluster
 from tests.conftest import MODELS_DIR
+from tests.integration.otlp_receiver import OTLPReceiver
 
 ADMIN_DSN = os.environ.get("FACESERVE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("FACESERVE_TEST_REDIS", "redis://127.0.0.1:6379/0")
@@ -64,6 +65,7 @@ class LiveApp:
     object_dir: Path
     ports: cluster.ClusterPorts
     workdir: Path
+    traces: OTLPReceiver
 
     def client(self, **kw: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=120, **kw)
@@ -84,6 +86,9 @@ class LiveApp:
                 "object_store_url": f"file://{self.object_dir}",
                 "models_dir": str(MODELS_DIR),
                 "redis_url": REDIS_URL,
+                "trace_exporter": "otlp",
+                "otlp_endpoint": self.traces.endpoint,
+                "trace_schedule_delay_ms": 200,
             },
             self.ports,
             overrides=merged,
@@ -101,6 +106,7 @@ def live_app() -> Iterator[LiveApp]:
         object_dir=workdir / "objects",
         ports=PORTS,
         workdir=workdir,
+        traces=OTLPReceiver().start(),
     )
     started_ray = False
     try:
@@ -117,9 +123,10 @@ def live_app() -> Iterator[LiveApp]:
     finally:
         cluster.serve_shutdown(PORTS)
         if started_ray:
-            cluster.stop_ray()
+            cluster.stop_ray("/tmp/ray-faceserve-it")
         asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)'))
         shutil.rmtree(workdir, ignore_errors=True)
+        app.traces.stop()
 
 
 @pytest.fixture()

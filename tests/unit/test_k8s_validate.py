@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import sys
 from pathlib import Path
@@ -20,6 +21,17 @@ import yaml
 
 # CI installs it (tests/unit/test_k8s_lint.py fails loudly when it is missing).
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cache_k8s_schemas():
+    """kubernetes-validate re-reads its 1 MB definitions file on every call;
+    read each schema file once per test module (they are only read)."""
+    utils = kubernetes_validate.utils
+    original = utils.schema_contents
+    utils.schema_contents = functools.lru_cache(maxsize=None)(original)
+    yield
+    utils.schema_contents = original
 
 K8S = Path(__file__).resolve().parents[2] / "k8s"
 
