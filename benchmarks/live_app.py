@@ -35,9 +35,15 @@ async def _admin(sql: str) -> None:
 
 @contextlib.contextmanager
 def running_app(
-    url: str | None = None, overrides: dict[str, dict[str, Any]] | None = None
+    url: str | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    app_args: dict[str, Any] | None = None,
 ) -> Iterator[str]:
-    """Yield the base URL of a ready faceserve; tears down what it started."""
+    """Yield the base URL of a ready faceserve; tears down what it started.
+
+    overrides: per-deployment options merged into serve_config.yaml;
+    app_args: extra settings for build_app (e.g. trace_exporter, metrics_enabled).
+    """
     if url:
         yield url
         return
@@ -55,6 +61,7 @@ def running_app(
                 "database_url": f"{base}/{dbname}",
                 "object_store_url": f"file://{workdir / 'objects'}",
                 "models_dir": str(SHARED / "models"),
+                **(app_args or {}),
             },
             PORTS,
             overrides=overrides,

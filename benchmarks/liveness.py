@@ -275,7 +275,7 @@ def part_a(threads: int, repeats: int) -> dict[str, object]:
     print(f"scored {len(people) + len(shared)} photos x {len(VARIANTS)} variants "
           f"in {time.perf_counter() - t0:.1f} s")
     print_scores("shared liveness photos", shared_table, thr)
-    print_scores("people photos (all real people, but photos of photos as far as the camera is concerned)",
+    print_scores("people photos (genuine photographs) and re-captures made from them",
                  people_table, thr)
     print_rates(people_table, thr)
 
