@@ -10,7 +10,9 @@ Part A runs in this process (models/ only, no Ray):
   downscale-upscale, JPEG q=30), plus the three shared liveness photos
   (image_T1 live, image_F1/F2 spoofs): faces boxed by YuNet on each variant,
   the live score of the largest face, and the live rate per variant at the
-  default threshold;
+  default threshold; then the same for changes to the face's surroundings
+  that are not re-captures (black borders, a tight face crop), which the
+  model's wide context crops also see;
 * ms per face for the liveness model alone (both networks, crops already
   cut), batched and at batch 1, timed with time.perf_counter over repeats.
 
@@ -197,31 +199,70 @@ def score_table(detector, model, photos: list[tuple[str, str, np.ndarray]]) -> d
     return table
 
 
+def black_border(rgb: np.ndarray, box: tuple[float, ...]) -> tuple[np.ndarray, tuple[float, ...]]:
+    """The photo on a black canvas, one face width of black on every side (letterboxing, padding)."""
+    pad = max(8, round(box[2] - box[0]))
+    out = cv2.copyMakeBorder(rgb, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(0, 0, 0))
+    return out, (box[0] + pad, box[1] + pad, box[2] + pad, box[3] + pad)
+
+
+def tight_crop(rgb: np.ndarray, box: tuple[float, ...]) -> tuple[np.ndarray, tuple[float, ...]]:
+    """Only the face: the box grown by 15 % (an ID-photo or thumbnail crop, no surroundings)."""
+    h, w = rgb.shape[:2]
+    x1, y1, x2, y2 = box
+    mx, my = 0.15 * (x2 - x1), 0.15 * (y2 - y1)
+    cx1, cy1 = max(0, int(x1 - mx)), max(0, int(y1 - my))
+    cx2, cy2 = min(w, int(x2 + mx) + 1), min(h, int(y2 + my) + 1)
+    out = np.ascontiguousarray(rgb[cy1:cy2, cx1:cx2])
+    return out, (x1 - cx1, y1 - cy1, x2 - cx1, y2 - cy1)
+
+
+CONTEXT_VARIANTS = {"black_border": black_border, "tight_crop": tight_crop}
+
+
+def context_table(detector, model, photos: list[tuple[str, str, np.ndarray]]) -> dict[str, Row]:
+    """Like score_table, for changes to what surrounds the face (the 2.7x and 4.0x crops see it)."""
+    table: dict[str, Row] = {}
+    for label, _, rgb in photos:
+        faces = detector.detect(rgb)
+        if not faces:
+            continue
+        row: Row = {"original": (float(model.score_faces(rgb, [faces[0].box])[0]), True)}
+        for name, make in CONTEXT_VARIANTS.items():
+            img, moved = make(rgb, faces[0].box)
+            found = detector.detect(img)
+            box = found[0].box if found else moved
+            row[name] = (float(model.score_faces(img, [box])[0]), bool(found))
+        table[label] = row
+    return table
+
+
 def print_scores(title: str, table: dict[str, Row], threshold: float) -> None:
-    names = list(VARIANTS)
+    names = list(next(iter(table.values())))
     print(f"\n{title}: live score of the largest face")
     print(f"  (* judged live at threshold {threshold}; ! YuNet found no face in this variant,"
           " scored on the original's box)")
-    print(f"  {'photo':<34}" + "".join(f"{n:>12}" for n in names))
+    widths = [max(12, len(n) + 2) for n in names]
+    print(f"  {'photo':<34}" + "".join(f"{n:>{w}}" for n, w in zip(names, widths)))
     for label, row in table.items():
         cells = []
-        for n in names:
+        for n, w in zip(names, widths):
             s, found = row[n]
-            cells.append(f"{s:>10.4f}{'*' if s >= threshold else ' '}{' ' if found else '!'}")
+            cells.append(f"{s:>{w - 2}.4f}{'*' if s >= threshold else ' '}{' ' if found else '!'}")
         print(f"  {label:<34}" + "".join(cells))
 
 
 def print_rates(table: dict[str, Row], threshold: float) -> None:
-    print(f"\nlive rate per variant over {len(table)} photos of people (threshold {threshold})")
-    print(f"  {'variant':<10}{'live':>6}{'of':>5}{'rate':>7}{'median':>9}{'min':>9}{'max':>9}"
+    print(f"\nlive rate per variant over {len(table)} genuine photos of people (threshold {threshold})")
+    print(f"  {'variant':<13}{'live':>6}{'of':>5}{'rate':>7}{'median':>9}{'min':>9}{'max':>9}"
           f"{'no face':>9}{'live among detected':>21}")
-    for n in VARIANTS:
+    for n in next(iter(table.values())):
         cells = [row[n] for row in table.values()]
         scores = [s for s, _ in cells]
         live = sum(s >= threshold for s in scores)
         detected = [s for s, found in cells if found]
         live_det = sum(s >= threshold for s in detected)
-        print(f"  {n:<10}{live:>6}{len(scores):>5}{live / len(scores):>7.0%}"
+        print(f"  {n:<13}{live:>6}{len(scores):>5}{live / len(scores):>7.0%}"
               f"{statistics.median(scores):>9.4f}{min(scores):>9.4f}{max(scores):>9.4f}"
               f"{len(cells) - len(detected):>9}{f'{live_det}/{len(detected)}':>21}")
 
@@ -278,6 +319,9 @@ def part_a(threads: int, repeats: int) -> dict[str, object]:
     print_scores("people photos (genuine photographs) and re-captures made from them",
                  people_table, thr)
     print_rates(people_table, thr)
+    context = context_table(detector, model, shared + people)
+    print_scores("context around the face (not a re-capture: what the wide crops see)", context, thr)
+    print_rates({k: v for k, v in context.items() if not k.startswith("liveness/")}, thr)
 
     # Timing: the crops of every face in every original photo, cut once.
     crops_list = []

@@ -3,8 +3,6 @@
 The only deployment that sees whole images. It decodes each upload once,
 sends the array to the detector, and from there only crops travel on.
 """
-from __future__ import annotations
-
 import asyncio
 import base64
 import hashlib
@@ -98,6 +96,112 @@ _VERIFY_BODY = {
         }
     }
 }
+
+
+# serve.ingress() pickles the FastAPI app while this module is still being
+# imported, so everything the routes and middleware use must already be
+# defined above the class, and annotations must be real objects (no
+# `from __future__ import annotations` here): FastAPI reads `Request` from them.
+
+# Per replica process; filled in by Ingress.__init__ (never at import time).
+_EDGE: dict[str, Any] = {}
+
+
+@app.middleware("http")
+async def _observe(request: Request, call_next: Any) -> Response:
+    """Root span, request id, trace id header, access log and status counter."""
+    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    t0 = time.perf_counter()
+    with span_from(request.headers, f"{request.method} {request.url.path}", kind=SpanKind.SERVER,
+                   attributes={"http.method": request.method, "http.target": request.url.path,
+                               "faceserve.request_id": request_id}) as sp:
+        trace_id = current_trace_id()
+        try:
+            response = await call_next(request)
+        except Exception as exc:  # unhandled: counted and logged here, then a 500 upstream
+            route = getattr(request.scope.get("route"), "path", "unmatched")
+            mark_error(sp, exc)
+            if (metrics := _EDGE.get("metrics")) is not None:
+                metrics.http_responses.inc(tags={"code": "500", "route": route})
+            access_logger().exception(
+                "%s %s failed", request.method, route,
+                extra={"request_id": request_id, "trace_id": trace_id, "route": route, "status": 500},
+            )
+            raise
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        sp.update_name(f"{request.method} {route}")
+        sp.set_attribute("http.route", route)
+        sp.set_attribute("http.status_code", response.status_code)
+        if response.status_code >= 500:
+            sp.set_status(Status(StatusCode.ERROR))
+    metrics: ServiceMetrics | None = _EDGE.get("metrics")
+    if metrics is not None:
+        metrics.http_responses.inc(tags={"code": str(response.status_code), "route": route})
+    response.headers["x-request-id"] = request_id
+    if trace_id:
+        response.headers["x-trace-id"] = trace_id
+    if route not in ("/healthz", "/readyz"):
+        access_logger().info(
+            "%s %s %s", request.method, route, response.status_code,
+            extra={"request_id": request_id, "trace_id": trace_id, "route": route,
+                   "method": request.method, "status": response.status_code,
+                   "duration_ms": round((time.perf_counter() - t0) * 1000.0, 2)},
+        )
+    return response
+
+
+def _single_face(analysis: Analysis, what: str, *, largest: bool) -> int:
+    n = len(analysis.detection)
+    if n == 0:
+        raise NoFaceFound(f"no face found in {what}")
+    if n > 1 and not largest:
+        raise MultipleFaces(
+            f"{n} faces found in {what}; send an image with one face or ask for the largest (largest=true)",
+            faces=n,
+        )
+    return 0  # the detector returns faces largest first
+
+
+def _face_crop_jpeg(image: np.ndarray, box: dict[str, float], margin: float = 0.25) -> bytes:
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    bw, bh = box["x2"] - box["x1"], box["y2"] - box["y1"]
+    x1 = int(max(0, box["x1"] - margin * bw))
+    y1 = int(max(0, box["y1"] - margin * bh))
+    x2 = int(min(w, box["x2"] + margin * bw))
+    y2 = int(min(h, box["y2"] + margin * bh))
+    buf = io.BytesIO()
+    Image.fromarray(image[y1:y2, x1:x2]).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+async def _json(request: Request) -> dict[str, Any]:
+    body = await request.body()
+    if not body:
+        return {}
+    try:
+        import json
+
+        data = json.loads(body)
+    except ValueError:
+        raise InvalidRequest("body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("JSON body must be an object")
+    return data
+
+
+def _encode_cursor(created_at: datetime, sid: uuid.UUID) -> str:
+    return base64.urlsafe_b64encode(f"{created_at.isoformat()}|{sid}".encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor.encode()).decode()
+        ts, sid = raw.split("|", 1)
+        return datetime.fromisoformat(ts), uuid.UUID(sid)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequest("cursor is not one this service issued") from None
 
 
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.2})
@@ -392,7 +496,8 @@ class Ingress:
                 for h in hits[i]
                 if uuid.UUID(h.subject_id) in names  # deleted since the index was read
             ]
-            best = candidates[0] if candidates and candidates[0]["similarity"] >= threshold else None
+            top = candidates[0] if candidates and candidates[0]["similarity"] >= threshold else None
+            best = {"id": top["subject_id"], "name": top["name"], "similarity": top["similarity"]} if top else None
             self._metrics.identifications.inc(tags={"outcome": "match" if best else "unknown"})
             face = self._face_json(analysis, i)
             face.update({"decision": "match" if best else "unknown", "subject": best, "candidates": candidates})
@@ -553,104 +658,3 @@ class Ingress:
         self._last_seq = max(self._last_seq, removed.seq)
         await self._objects.adelete_many(removed.crop_keys)
         return {"deleted": face_id, "seq": removed.seq}
-
-
-# Per replica process; filled in by Ingress.__init__ (never at import time).
-_EDGE: dict[str, Any] = {}
-
-
-@app.middleware("http")
-async def _observe(request: Request, call_next: Any) -> Response:
-    """Root span, request id, trace id header, access log and status counter."""
-    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-    t0 = time.perf_counter()
-    with span_from(request.headers, f"{request.method} {request.url.path}", kind=SpanKind.SERVER,
-                   attributes={"http.method": request.method, "http.target": request.url.path,
-                               "faceserve.request_id": request_id}) as sp:
-        trace_id = current_trace_id()
-        try:
-            response = await call_next(request)
-        except Exception as exc:  # unhandled: counted and logged here, then a 500 upstream
-            route = getattr(request.scope.get("route"), "path", "unmatched")
-            mark_error(sp, exc)
-            if (metrics := _EDGE.get("metrics")) is not None:
-                metrics.http_responses.inc(tags={"code": "500", "route": route})
-            access_logger().exception(
-                "%s %s failed", request.method, route,
-                extra={"request_id": request_id, "trace_id": trace_id, "route": route, "status": 500},
-            )
-            raise
-        route = getattr(request.scope.get("route"), "path", "unmatched")
-        sp.update_name(f"{request.method} {route}")
-        sp.set_attribute("http.route", route)
-        sp.set_attribute("http.status_code", response.status_code)
-        if response.status_code >= 500:
-            sp.set_status(Status(StatusCode.ERROR))
-    metrics: ServiceMetrics | None = _EDGE.get("metrics")
-    if metrics is not None:
-        metrics.http_responses.inc(tags={"code": str(response.status_code), "route": route})
-    response.headers["x-request-id"] = request_id
-    if trace_id:
-        response.headers["x-trace-id"] = trace_id
-    if route not in ("/healthz", "/readyz"):
-        access_logger().info(
-            "%s %s %s", request.method, route, response.status_code,
-            extra={"request_id": request_id, "trace_id": trace_id, "route": route,
-                   "method": request.method, "status": response.status_code,
-                   "duration_ms": round((time.perf_counter() - t0) * 1000.0, 2)},
-        )
-    return response
-
-
-def _single_face(analysis: Analysis, what: str, *, largest: bool) -> int:
-    n = len(analysis.detection)
-    if n == 0:
-        raise NoFaceFound(f"no face found in {what}")
-    if n > 1 and not largest:
-        raise MultipleFaces(
-            f"{n} faces found in {what}; send an image with one face or ask for the largest (largest=true)",
-            faces=n,
-        )
-    return 0  # the detector returns faces largest first
-
-
-def _face_crop_jpeg(image: np.ndarray, box: dict[str, float], margin: float = 0.25) -> bytes:
-    from PIL import Image
-
-    h, w = image.shape[:2]
-    bw, bh = box["x2"] - box["x1"], box["y2"] - box["y1"]
-    x1 = int(max(0, box["x1"] - margin * bw))
-    y1 = int(max(0, box["y1"] - margin * bh))
-    x2 = int(min(w, box["x2"] + margin * bw))
-    y2 = int(min(h, box["y2"] + margin * bh))
-    buf = io.BytesIO()
-    Image.fromarray(image[y1:y2, x1:x2]).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
-async def _json(request: Request) -> dict[str, Any]:
-    body = await request.body()
-    if not body:
-        return {}
-    try:
-        import json
-
-        data = json.loads(body)
-    except ValueError:
-        raise InvalidRequest("body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise InvalidRequest("JSON body must be an object")
-    return data
-
-
-def _encode_cursor(created_at: datetime, sid: uuid.UUID) -> str:
-    return base64.urlsafe_b64encode(f"{created_at.isoformat()}|{sid}".encode()).decode()
-
-
-def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor.encode()).decode()
-        ts, sid = raw.split("|", 1)
-        return datetime.fromisoformat(ts), uuid.UUID(sid)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidRequest("cursor is not one this service issued") from None

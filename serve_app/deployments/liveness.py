@@ -27,7 +27,10 @@ class Liveness:
         self._metrics = ServiceMetrics(settings.metrics_enabled)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
-        self._threshold = float(config.get("threshold", self._threshold))
+        threshold = float(config.get("threshold", self._threshold))
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"liveness threshold must be within [0, 1], got {threshold}")
+        self._threshold = threshold
         self.check_batch.set_max_batch_size(int(config.get("max_batch_size", 32)))
         self.check_batch.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.005)))
 
@@ -49,7 +52,12 @@ class Liveness:
                     [d.liveness_crops[scale] for d in detections if len(d)]
                 )
             loop = asyncio.get_running_loop()
-            scores = await loop.run_in_executor(self._executor, self._model.predict, crops)
+            try:
+                scores = await loop.run_in_executor(self._executor, self._model.predict, crops)
+            except Exception:
+                # Counted so the Liveness Failure alert sees checks that could not run.
+                self._metrics.liveness_checks.inc(sum(counts), tags={"outcome": "error"})
+                raise
         else:
             scores = np.zeros((0,), np.float32)
         ms = (time.perf_counter() - t0) * 1000.0

@@ -136,6 +136,22 @@ def sface():
     return SFaceEmbedder()
 
 
+@pytest.fixture(scope="session")
+def detect_cached() -> Callable[..., list]:
+    """detector.detect(photo) memoised per session, for tests that only need a
+    full photo's detection as their starting point (crops, comparisons);
+    MTCNN takes up to a second per large photo on 2 cores."""
+    cache: dict[tuple[str, Path], list] = {}
+
+    def _detect(det, path: Path, rgb: np.ndarray) -> list:
+        key = (det.name, path)
+        if key not in cache:
+            cache[key] = det.detect(rgb)
+        return cache[key]
+
+    return _detect
+
+
 @pytest.fixture(scope="session", params=["yunet", "mtcnn"])
 def detector(request: pytest.FixtureRequest):
     """Each test using this runs once per detector."""
