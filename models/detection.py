@@ -46,7 +46,7 @@ REPLACE_MIN_IOU = 0.3
 _Raw = tuple[np.ndarray, np.ndarray, np.ndarray]  # boxes (N,4) xyxy, landmarks (N,5,2), scores (N,)
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: == on ndarray fields would be ambiguous
 class DetectedFace:
     box: tuple[float, float, float, float]  # x1, y1, x2, y2 in image pixels
     landmarks: np.ndarray  # (5, 2) float32, ArcFace order

@@ -101,6 +101,15 @@ def _high_bit_depth_to_l(im: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8), mode="L")
 
 
+def _apply_exif_orientation(im: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(im) or im
+    except (ValueError, KeyError, TypeError, OSError, SyntaxError, struct.error):
+        # A mangled EXIF block should not cost the user their photo: the
+        # pixels decoded fine, only the orientation hint is unusable.
+        return im
+
+
 def _to_rgb(im: Image.Image) -> Image.Image:
     mode = im.mode
     if mode == "RGB":
@@ -154,7 +163,7 @@ def decode_image(
             with Image.open(io.BytesIO(bytes(data)), formats=SUPPORTED_FORMATS) as im:
                 _check_pixels(im.width, im.height, max_pixels)  # header only, nothing decoded yet
                 im.load()
-                im = ImageOps.exif_transpose(im) or im
+                im = _apply_exif_orientation(im)
                 rgb = _to_rgb(im)
                 arr = np.array(rgb, dtype=np.uint8)  # own copy: detached from PIL's buffer
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
 import tempfile
 import threading
@@ -32,6 +33,8 @@ DEFAULT_MANIFEST = REPO_ROOT / "configs" / "weights.yaml"
 ENV_MODELS_DIR = "FACE_MODELS_DIR"
 ENV_CACHE_DIR = "FACE_WEIGHTS_CACHE"
 DOWNLOAD_TIMEOUT_S = 60.0
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,7 @@ def _download(spec: WeightSpec, dest: Path) -> None:
     """Download to a temp file in the same dir, check it, then rename atomically,
     so a concurrent reader never sees a half-written or unchecked file."""
     dest.parent.mkdir(parents=True, exist_ok=True)
+    log.info("downloading weights %s from %s to %s", spec.name, spec.url, dest)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     tmp = Path(tmp_name)
     try:

@@ -110,7 +110,9 @@ _EDGE: dict[str, Any] = {}
 @app.middleware("http")
 async def _observe(request: Request, call_next: Any) -> Response:
     """Root span, request id, trace id header, access log and status counter."""
-    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    # Serve's proxy assigns every request an id (the client's x-request-id if
+    # it sent one) and returns it in the x-request-id response header itself.
+    request_id = request.headers.get("x-request-id") or _serve_request_id() or uuid.uuid4().hex
     t0 = time.perf_counter()
     with span_from(request.headers, f"{request.method} {request.url.path}", kind=SpanKind.SERVER,
                    attributes={"http.method": request.method, "http.target": request.url.path,
@@ -137,7 +139,6 @@ async def _observe(request: Request, call_next: Any) -> Response:
     metrics: ServiceMetrics | None = _EDGE.get("metrics")
     if metrics is not None:
         metrics.http_responses.inc(tags={"code": str(response.status_code), "route": route})
-    response.headers["x-request-id"] = request_id
     if trace_id:
         response.headers["x-trace-id"] = trace_id
     if route not in ("/healthz", "/readyz"):
@@ -148,6 +149,15 @@ async def _observe(request: Request, call_next: Any) -> Response:
                    "duration_ms": round((time.perf_counter() - t0) * 1000.0, 2)},
         )
     return response
+
+
+def _serve_request_id() -> str | None:
+    try:
+        from ray.serve.context import _get_serve_request_context
+
+        return _get_serve_request_context().request_id or None
+    except Exception:  # outside a replica (unit tests) there is no context
+        return None
 
 
 def _single_face(analysis: Analysis, what: str, *, largest: bool) -> int:

@@ -257,6 +257,26 @@ class LocalCluster:
     # ------------------------------------------------------------------ stop
     def stop(self) -> None:
         cluster.stop_ray(self.temp_dir)
+        # stop_ray finds processes by the session dir in their command line;
+        # the head's Ray client server (`python -m ray.util.client.server`)
+        # has none there and would outlive the cluster, holding its port.
+        mine = (f"--port={self.head_ports.ray_client}", f"--address=")
+        gcs_suffix = f":{self.ports.gcs}"
+        leftovers = []
+        for proc in psutil.process_iter(["cmdline"]):
+            try:
+                cmd = proc.info["cmdline"] or []
+                if ("ray.util.client.server" in cmd and mine[0] in cmd and any(
+                        a.startswith(mine[1]) and a.endswith(gcs_suffix) for a in cmd)):
+                    leftovers.append(proc)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        for proc in leftovers:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(leftovers, timeout=10)
 
 
 def replicas_by_node(apps: dict[str, Any], app: str) -> dict[str, dict[str, int]]:
