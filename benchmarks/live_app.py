@@ -72,6 +72,6 @@ def running_app(
     finally:
         cluster.serve_shutdown(PORTS)
         if started:
-            cluster.stop_ray("/tmp/ray-faceserve-bench")
+            cluster.stop_ray("/tmp/ray-faceserve-bench", gcs_port=PORTS.gcs)
         asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)'))
         shutil.rmtree(workdir, ignore_errors=True)

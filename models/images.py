@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import struct
-import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -155,18 +154,17 @@ def decode_image(
             f"{fmt} images are not supported; send JPEG, PNG, WebP, BMP, TIFF or GIF",
             format=fmt, supported=list(SUPPORTED_FORMATS))
 
+    # No warnings.catch_warnings() here: it swaps process-global state and this
+    # runs in thread pools. Our pixel limit is checked first anyway; Pillow's
+    # own bomb error (over 2 x Image.MAX_IMAGE_PIXELS) is mapped below.
     try:
-        with warnings.catch_warnings():
-            # Our own pixel limit is far below Pillow's bomb threshold; turn its
-            # warning into an error anyway in case a caller raises max_pixels.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(bytes(data)), formats=SUPPORTED_FORMATS) as im:
-                _check_pixels(im.width, im.height, max_pixels)  # header only, nothing decoded yet
-                im.load()
-                im = _apply_exif_orientation(im)
-                rgb = _to_rgb(im)
-                arr = np.array(rgb, dtype=np.uint8)  # own copy: detached from PIL's buffer
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        with Image.open(io.BytesIO(bytes(data)), formats=SUPPORTED_FORMATS) as im:
+            _check_pixels(im.width, im.height, max_pixels)  # header only, nothing decoded yet
+            im.load()
+            im = _apply_exif_orientation(im)
+            rgb = _to_rgb(im)
+            arr = np.array(rgb, dtype=np.uint8)  # own copy: detached from PIL's buffer
+    except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"image rejected as a decompression bomb: {exc}", format=fmt) from exc
     except (ImageTooLarge, ImageDecodeError):
         raise

@@ -105,7 +105,7 @@ def _cmd_stop(args: argparse.Namespace) -> int:
     ports = cluster.ClusterPorts()
     if cluster.ray_running(ports):
         cluster.serve_shutdown(ports)
-    cluster.stop_ray("/tmp/ray")  # the default temp dir `faceserve start` uses
+    cluster.stop_ray("/tmp/ray", gcs_port=ports.gcs)  # the default temp dir `faceserve start` uses
     if stop_embedded_postgres(data_dir):
         print("embedded PostgreSQL stopped")
     print("faceserve stopped")

@@ -80,7 +80,7 @@ def ray_running(ports: ClusterPorts) -> bool:
         return False
 
 
-def stop_ray(temp_dir: str | None = None) -> None:
+def stop_ray(temp_dir: str | None = None, gcs_port: int | None = None) -> None:
     """Stop the Ray cluster rooted at temp_dir, leaving any other cluster alone.
 
     `ray stop` stops every Ray process on the machine; with a temp_dir we
@@ -94,10 +94,16 @@ def stop_ray(temp_dir: str | None = None) -> None:
     import psutil
 
     marker = f"{temp_dir.rstrip('/')}/session_"
+    # The head's Ray client server names only the GCS address, not the session.
+    address_suffix = f":{gcs_port}" if gcs_port else None
     roots = []
     for proc in psutil.process_iter(["cmdline"]):
         try:
-            if any(marker in part for part in (proc.info["cmdline"] or [])):
+            cmdline = proc.info["cmdline"] or []
+            if any(marker in part for part in cmdline) or (
+                address_suffix
+                and any(p.startswith("--address=") and p.endswith(address_suffix) for p in cmdline)
+            ):
                 roots.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue

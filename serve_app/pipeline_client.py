@@ -15,7 +15,10 @@ from typing import Any
 import numpy as np
 from ray.serve.handle import DeploymentHandle
 
-from models.errors import InvalidRequest
+from ray.exceptions import ActorDiedError, ActorUnavailableError, NodeDiedError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+from models.errors import InvalidRequest, ServiceUnavailable
 from serve_app.http_errors import unwrap
 from serve_app.telemetry import carrier_from_current
 from serve_app.messages import (
@@ -25,6 +28,10 @@ from serve_app.messages import (
     LivenessResult,
     MatchResult,
 )
+
+
+_REPLICA_LOST = (ActorDiedError, ActorUnavailableError, NodeDiedError)
+_OVERLOADED = (BackPressureError, DeploymentUnavailableError)
 
 
 class LivenessPolicy(str, Enum):
@@ -86,6 +93,34 @@ class PipelineClient:
         embed: bool,
         liveness: bool,
         match: MatchSpec | None = None,
+    ) -> Analysis:
+        """Run the graph once; if a replica dies under the call, run it once more.
+
+        Every stage is a pure read, so a retry is safe; the router sends it to
+        a live replica. A second loss (or a saturated deployment) is a 503.
+        """
+        for attempt in (1, 2):
+            try:
+                return await self._analyse_once(image, embed=embed, liveness=liveness, match=match)
+            except _REPLICA_LOST as exc:
+                if attempt == 2:
+                    raise ServiceUnavailable(
+                        "a model replica was lost while answering; retry shortly",
+                        reason=type(exc).__name__,
+                    ) from None
+            except _OVERLOADED as exc:
+                raise ServiceUnavailable(
+                    "the service is at capacity; retry shortly", reason=type(exc).__name__
+                ) from None
+        raise AssertionError("unreachable")
+
+    async def _analyse_once(
+        self,
+        image: np.ndarray,
+        *,
+        embed: bool,
+        liveness: bool,
+        match: MatchSpec | None,
     ) -> Analysis:
         request = DetectRequest(image=image, liveness_crops=liveness, trace=carrier_from_current())
         det_resp = self.detector.detect.remote(request)

@@ -123,7 +123,7 @@ def live_app() -> Iterator[LiveApp]:
     finally:
         cluster.serve_shutdown(PORTS)
         if started_ray:
-            cluster.stop_ray("/tmp/ray-faceserve-it")
+            cluster.stop_ray("/tmp/ray-faceserve-it", gcs_port=PORTS.gcs)
         asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)'))
         shutil.rmtree(workdir, ignore_errors=True)
         app.traces.stop()

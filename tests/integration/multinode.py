@@ -25,7 +25,6 @@ import json
 import socket
 import subprocess
 import time
-import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
@@ -260,14 +259,15 @@ class LocalCluster:
         # stop_ray finds processes by the session dir in their command line;
         # the head's Ray client server (`python -m ray.util.client.server`)
         # has none there and would outlive the cluster, holding its port.
-        mine = (f"--port={self.head_ports.ray_client}", f"--address=")
+        port_arg = f"--port={self.head_ports.ray_client}"
         gcs_suffix = f":{self.ports.gcs}"
         leftovers = []
         for proc in psutil.process_iter(["cmdline"]):
             try:
                 cmd = proc.info["cmdline"] or []
-                if ("ray.util.client.server" in cmd and mine[0] in cmd and any(
-                        a.startswith(mine[1]) and a.endswith(gcs_suffix) for a in cmd)):
+                if "ray.util.client.server" in cmd and port_arg in cmd and any(
+                    a.startswith("--address=") and a.endswith(gcs_suffix) for a in cmd
+                ):
                     leftovers.append(proc)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
@@ -316,7 +316,7 @@ def _wait(fn: Any, timeout_s: float, what: str) -> Any:
             value = fn()
             if value:
                 return value
-        except (urllib.error.URLError, OSError, Exception) as err:  # state API not up yet
+        except Exception as err:  # dashboard / state API not up yet
             last_err = err
         time.sleep(0.5)
     raise TimeoutError(f"{what} not there after {timeout_s:.0f}s (last error: {last_err})")

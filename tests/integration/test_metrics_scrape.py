@@ -377,9 +377,10 @@ def check_catalog(scrape: dict[str, list[dict[str, str]]]) -> Check:
     return result
 
 
-def scrape_metrics(port: int) -> dict[str, list[dict[str, str]]]:
+def scrape_text(port: int) -> str:
+    """What Prometheus gets from Ray's metrics port on a single node."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        return parse_exposition(resp.read().decode("utf-8"))
+        return resp.read().decode("utf-8")
 
 
 # --------------------------------------------------------------------------
@@ -568,34 +569,58 @@ def traffic(live_app: LiveApp) -> dict[str, Any]:
     return {"collection": collection}
 
 
+def _keep_busy(client: httpx.Client, collection: str) -> None:
+    """One identify through every deployment and batch, with liveness.
+
+    Ray 2.60 drops a gauge series from the exposition about two report
+    intervals (2 x 10 s) after its last set(); gauges set only on a change
+    (the proxy's ongoing-requests, the batch queue length) are therefore
+    there while traffic flows and gone when the app idles. So the scrape is
+    polled under light traffic, as Prometheus would see a working service.
+    """
+    r = _post_image(client, "/v1/identify", LIVENESS_DIR / "image_T1.jpg",
+                    {"collection": collection, "liveness": "flag"})
+    assert r.status_code == 200, r.text
+
+
 @pytest.fixture(scope="module")
 def live_scrape(live_app: LiveApp, traffic: dict[str, Any]) -> dict[str, Any]:
-    """Scrape until everything required is there, or the deadline passes."""
+    """Scrape (under light traffic) until everything required is there, or the deadline passes."""
     required = required_selectors()
     deadline = time.monotonic() + SCRAPE_DEADLINE_S
-    polls = 0
-    while True:
-        scrape = scrape_metrics(live_app.ports.metrics)
-        polls += 1
-        rules = check_selectors(scrape, required)
-        catalog = check_catalog(scrape)
-        if (rules.ok and catalog.ok) or time.monotonic() > deadline:
-            break
-        time.sleep(2.0)
-    _print_summary(scrape, required, rules, catalog, polls)
-    return {"scrape": scrape, "rules": rules, "catalog": catalog}
+    polls: list[set[str]] = []
+    with live_app.client() as client:
+        while True:
+            _keep_busy(client, traffic["collection"])
+            text = scrape_text(live_app.ports.metrics)
+            scrape = parse_exposition(text)
+            polls.append(set(scrape))
+            rules = check_selectors(scrape, required)
+            catalog = check_catalog(scrape)
+            if (rules.ok and catalog.ok) or time.monotonic() > deadline:
+                break
+            time.sleep(2.0)
+    _print_summary(scrape, text, required, rules, catalog, polls)
+    return {"scrape": scrape, "text": text, "rules": rules, "catalog": catalog}
 
 
-def _print_summary(scrape, required, rules: Check, catalog: Check, polls: int) -> None:
-    print(f"\n# live scrape after {polls} poll(s): {len(scrape)} sample names exported")
-    for name in sorted({s.name for s in required} | {n for e in catalog_metrics().values()
-                                                     if e["source"] != "prometheus" for n in sample_names(e)}):
+def _print_summary(scrape, text: str, required, rules: Check, catalog: Check, polls: list[set[str]]) -> None:
+    print(f"\n# live scrape after {len(polls)} poll(s): {len(scrape)} sample names exported")
+    names = sorted({s.name for s in required} | {n for e in catalog_metrics().values()
+                                                  if e["source"] != "prometheus" for n in sample_names(e)})
+    for name in names:
         series = scrape.get(name, [])
         keys = sorted({k for s in series for k in s} - _COMMON - {"le"})
         values = {k: sorted({s.get(k, "") for s in series})[:8] for k in keys
                   if k in {"application", "deployment", "outcome", "stage", "code", "status_code",
                            "error_code", "exception_type", "route", "function_name", "method"}}
-        print(f"{'ok ' if series else 'MISSING'} {name}: {len(series)} series {values}")
+        seen = [i for i, p in enumerate(polls) if name in p]
+        when = "" if len(seen) in (0, len(polls)) else f" (present in polls {seen})"
+        print(f"{'ok ' if series else 'MISSING'} {name}: {len(series)} series {values}{when}")
+    for name in ("ray_faceserve_db_pool_size", "ray_faceserve_db_pool_max", "ray_faceserve_db_pool_in_use",
+                 "ray_faceserve_redis_used_memory_bytes", "ray_faceserve_redis_maxmemory_bytes"):
+        got = re.findall(rf"^{name}{{[^}}]*deployment=\"(\w+)\"[^}}]*}} (\S+)", text, re.M)
+        print(f"value {name}: {got}")
     for line in rules.conditional + catalog.conditional:
         print("waived:", line)
     for line in rules.missing + catalog.missing:
