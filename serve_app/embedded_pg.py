@@ -17,6 +17,11 @@ def start_embedded_postgres(data_dir: Path) -> str:
 
     pgdata = (data_dir / "pg").resolve()
     pgdata.parent.mkdir(parents=True, exist_ok=True)
+    # pgserver caches one handle per directory; after a stop that handle is
+    # stale, so drop it and let get_server start the server again.
+    cached = pgserver.PostgresServer._instances.get(pgdata)
+    if cached is not None and not (pgdata / "postmaster.pid").exists():
+        pgserver.PostgresServer._instances.pop(pgdata, None)
     # cleanup_mode=None: the server outlives this process, like a real one;
     # `faceserve stop` stops it.
     server = pgserver.get_server(str(pgdata), cleanup_mode=None)

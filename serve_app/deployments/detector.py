@@ -37,7 +37,11 @@ class Detector:
         model_keys = ("detector", "score_threshold", "min_face_size")
         if any(config.get(k) != self._config.get(k) for k in model_keys):
             kwargs = {k: config[k] for k in ("score_threshold", "min_face_size") if k in config}
-            self._detector = make_detector(config.get("detector", "yunet"), **kwargs)
+            name = config.get("detector", "yunet")
+            if name == "mtcnn":
+                # torch's default thread count swamps a fractional-CPU replica.
+                kwargs["torch_threads"] = self._threads
+            self._detector = make_detector(name, **kwargs)
         self.detect_batch.set_max_batch_size(int(config.get("max_batch_size", 8)))
         self.detect_batch.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.005)))
         self._config = dict(config)
