@@ -40,6 +40,8 @@ FALLBACK_PAD_FRACTION = 0.5
 # A face whose box spans at least this fraction of the image width or height
 # counts as frame-filling and is re-detected on the padded canvas.
 FRAME_FILL_FRACTION = 0.6
+# First pass: images with a longer side than this are shrunk before detection.
+DEFAULT_MAX_SIDE = 1280
 # Minimum IoU for a second-pass face to stand in for a first-pass one.
 REPLACE_MIN_IOU = 0.3
 
@@ -104,9 +106,29 @@ class FaceDetector:
 
     name = "base"
 
-    def __init__(self, score_threshold: float, min_face_size: int) -> None:
+    def __init__(self, score_threshold: float, min_face_size: int, max_side: int | None = DEFAULT_MAX_SIDE) -> None:
         self.score_threshold = float(score_threshold)
         self.min_face_size = int(min_face_size)
+        if max_side is not None and int(max_side) < 64:
+            raise InvalidRequest(f"max_side must be at least 64 pixels, got {max_side}")
+        self.max_side = int(max_side) if max_side else None
+
+    def _first_pass(self, rgb: np.ndarray) -> _Raw:
+        """Detect on the image shrunk to max_side, in original coordinates.
+
+        Detector cost grows with pixels while faces that matter for
+        recognition stay large: a 12 MP phone photo is searched at ~1.6 MP.
+        """
+        h, w = rgb.shape[:2]
+        if not self.max_side or max(h, w) <= self.max_side:
+            return self._detect_raw(rgb)
+        scale = self.max_side / max(h, w)
+        sw, sh = max(1, round(w * scale)), max(1, round(h * scale))
+        small = cv2.resize(rgb, (sw, sh), interpolation=cv2.INTER_AREA)
+        sx, sy = sw / w, sh / h
+        boxes, lms, scores = self._detect_raw(small)
+        return (boxes / np.array([sx, sy, sx, sy], np.float32),
+                lms / np.array([sx, sy], np.float32), scores)
 
     def _detect_raw(self, rgb: np.ndarray) -> _Raw:
         raise NotImplementedError
@@ -114,7 +136,7 @@ class FaceDetector:
     def detect(self, rgb: np.ndarray) -> list[DetectedFace]:
         rgb = _check_rgb(rgb)
         h, w = rgb.shape[:2]
-        faces = self._finish(*self._detect_raw(rgb), width=w, height=h)
+        faces = self._finish(*self._first_pass(rgb), width=w, height=h)
         if not faces:
             return self._detect_padded(rgb)
         filling = [i for i, f in enumerate(faces)
@@ -172,8 +194,8 @@ class YuNetDetector(FaceDetector):
 
     def __init__(self, score_threshold: float = 0.7, nms_threshold: float = 0.3,
                  min_face_size: int = 20, weights_path: Path | str | None = None,
-                 top_k: int = 5000) -> None:
-        super().__init__(score_threshold, min_face_size)
+                 top_k: int = 5000, max_side: int | None = DEFAULT_MAX_SIDE) -> None:
+        super().__init__(score_threshold, min_face_size, max_side)
         self.nms_threshold = float(nms_threshold)
         self.weights = _resolve("yunet", weights_path)
         self._net = cv2.FaceDetectorYN.create(
@@ -200,8 +222,8 @@ class MTCNNDetector(FaceDetector):
     name = "mtcnn"
 
     def __init__(self, score_threshold: float = 0.9, min_face_size: int = 20, device: str = "cpu",
-                 torch_threads: int | None = None) -> None:
-        super().__init__(score_threshold, min_face_size)
+                 torch_threads: int | None = None, max_side: int | None = DEFAULT_MAX_SIDE) -> None:
+        super().__init__(score_threshold, min_face_size, max_side)
         import torch
         from facenet_pytorch import MTCNN
 

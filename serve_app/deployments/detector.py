@@ -34,9 +34,9 @@ class Detector:
         _limit_threads(self._threads)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
-        model_keys = ("detector", "score_threshold", "min_face_size")
+        model_keys = ("detector", "score_threshold", "min_face_size", "max_side")
         if any(config.get(k) != self._config.get(k) for k in model_keys):
-            kwargs = {k: config[k] for k in ("score_threshold", "min_face_size") if k in config}
+            kwargs = {k: config[k] for k in model_keys[1:] if k in config}
             name = config.get("detector", "yunet")
             if name == "mtcnn":
                 # torch's default thread count swamps a fractional-CPU replica.
