@@ -220,6 +220,6 @@ def test_large_images_are_searched_shrunk_with_boxes_in_original_pixels(faces_di
     by_x = lambda faces: sorted(faces, key=lambda f: f.box[0])  # noqa: E731 - equal areas may swap
     for a, b in zip(by_x(full), by_x(shrunk)):
         assert np.allclose(a.box, b.box, atol=0.06 * a.width)
-        assert np.allclose(a.landmarks, b.landmarks, atol=0.06 * a.width)
+        assert np.allclose(a.landmarks, b.landmarks, atol=0.08 * a.width)
     with pytest.raises(InvalidRequest):
         YuNetDetector(max_side=10)
