@@ -4,13 +4,12 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-import asyncpg
 import numpy as np
 import pytest
 
 from models.errors import Conflict, FaceNotFound, InvalidRequest, SubjectNotFound
 from serve_app.gallery.repository import GalleryRepository, create_pool
-from tests.integration.conftest import ADMIN_DSN, _admin, _dsn_for
+from tests.integration.conftest import _admin, _dsn_for
 
 
 @pytest.fixture()

@@ -7,27 +7,20 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.unit.k8s_support import manifests
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 
 
-def _manifests():
-    name = "faceserve_k8s_manifests"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, K8S / "manifests.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
 
 
-M = _manifests()
+M = manifests()
 gen = M.load_module("generate")
 
 RULES = ROOT / "monitoring" / "rules" / "face-recognition-rules.yml"
@@ -45,7 +38,6 @@ def _rayservice(target: str) -> dict:
 def test_validation_tools_are_installed():
     """test_k8s_validate/test_k8s_lint skip themselves without these; this
     test (which needs neither) fails instead, so CI cannot lose them quietly."""
-    import importlib.util
 
     missing = [m for m in ("kubernetes_validate", "yamllint", "jsonschema")
                if importlib.util.find_spec(m) is None]

@@ -3,29 +3,21 @@ row by row, and the resource limits; the dev overlay is one node without
 replication. Offline: these read manifests, they do not run a cluster."""
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.unit.k8s_support import manifests
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 
 
-def _manifests():
-    name = "faceserve_k8s_manifests"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, K8S / "manifests.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
 
 
-M = _manifests()
+M = manifests()
 cpu, mem = M.cpu, M.mem
 GiB, MiB = 2**30, 2**20
 MODELS = ("Detector", "Embedder", "Liveness", "Matcher")

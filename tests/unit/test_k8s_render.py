@@ -6,30 +6,22 @@ subset renderer cannot quietly diverge from the real tool.
 """
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+
+from tests.unit.k8s_support import manifests
 import yaml
 
 K8S = Path(__file__).resolve().parents[2] / "k8s"
 
 
-def _manifests():
-    name = "faceserve_k8s_manifests"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, K8S / "manifests.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
 
 
-M = _manifests()
+M = manifests()
 render = M.load_module("render")
 
 

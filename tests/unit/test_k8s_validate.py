@@ -11,12 +11,12 @@
 from __future__ import annotations
 
 import functools
-import importlib.util
-import sys
 from pathlib import Path
 
 import jsonschema
 import pytest
+
+from tests.unit.k8s_support import manifests
 import yaml
 
 # CI installs it (tests/unit/test_k8s_lint.py fails loudly when it is missing).
@@ -36,17 +36,9 @@ def _cache_k8s_schemas():
 K8S = Path(__file__).resolve().parents[2] / "k8s"
 
 
-def _manifests():
-    name = "faceserve_k8s_manifests"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, K8S / "manifests.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
 
 
-M = _manifests()
+M = manifests()
 
 # Oldest Kubernetes we support (KubeRay and CNPG releases of 2025 need >= 1.30)
 # and the newest one kubernetes-validate knows.
