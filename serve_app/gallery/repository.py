@@ -29,6 +29,20 @@ async def _lock_changelog(conn: asyncpg.Connection) -> None:
     await conn.execute("SELECT pg_advisory_xact_lock($1)", _CHANGELOG_LOCK)
 
 
+async def _lock_subject_for_change(
+    conn: asyncpg.Connection, collection: "Collection", subject_id: uuid.UUID
+) -> None:
+    """Changelog lock, then the subject row: a concurrent delete cannot
+    orphan a face being added, and both orders of operations serialise."""
+    await _lock_changelog(conn)
+    exists = await conn.fetchval(
+        "SELECT 1 FROM subjects WHERE id = $1 AND collection_id = $2 FOR UPDATE",
+        subject_id, collection.id,
+    )
+    if not exists:
+        raise SubjectNotFound(f"no subject with id {subject_id}", subject_id=str(subject_id))
+
+
 @dataclass(frozen=True)
 class Collection:
     id: int
@@ -268,13 +282,7 @@ class GalleryRepository:
 
     async def delete_subject(self, collection: Collection, subject_id: uuid.UUID) -> RemovedFaces:
         async with self.pool.acquire() as conn, conn.transaction():
-            await _lock_changelog(conn)
-            exists = await conn.fetchval(
-                "SELECT 1 FROM subjects WHERE id = $1 AND collection_id = $2 FOR UPDATE",
-                subject_id, collection.id,
-            )
-            if not exists:
-                raise SubjectNotFound(f"no subject with id {subject_id}", subject_id=str(subject_id))
+            await _lock_subject_for_change(conn, collection, subject_id)
             faces = await conn.fetch(
                 "DELETE FROM faces WHERE subject_id = $1 RETURNING id, crop_key", subject_id
             )
@@ -305,14 +313,7 @@ class GalleryRepository:
                 f"{collection.name!r} ({collection.embedder}, {collection.dim}-d)"
             )
         async with self.pool.acquire() as conn, conn.transaction():
-            await _lock_changelog(conn)
-            # Lock the subject row so a concurrent delete cannot orphan this face.
-            exists = await conn.fetchval(
-                "SELECT 1 FROM subjects WHERE id = $1 AND collection_id = $2 FOR UPDATE",
-                subject_id, collection.id,
-            )
-            if not exists:
-                raise SubjectNotFound(f"no subject with id {subject_id}", subject_id=str(subject_id))
+            await _lock_subject_for_change(conn, collection, subject_id)
             row = await conn.fetchrow(
                 """INSERT INTO faces (subject_id, collection_id, embedding, model, dim,
                                       image_sha256, crop_key, box, det_score)
