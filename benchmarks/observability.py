@@ -1,6 +1,6 @@
 """What metrics and tracing cost: identify latency with them ON against OFF.
 
-    python benchmarks/observability.py [--blocks 6] [--per-block 20] [--warmup 4]
+    python benchmarks/observability.py [--blocks 8] [--per-block 20] [--warmup N] [--wait S]
 
 ON  = metrics_enabled=True,  trace_exporter="otlp" (to an OTLP/HTTP receiver
       started here on loopback, tests/integration/otlp_receiver.py)
@@ -167,19 +167,18 @@ def run(args: argparse.Namespace) -> None:
                 return ms
 
             for mode in (ON, OFF):
-                for i in range(args.warmup):
+                for i in range(len(work) if args.warmup is None else args.warmup):
                     identify(mode, work[i % len(work)])
             time.sleep(SCHEDULE_DELAY_MS / 1000 + 0.5)
             spans_before = len(receiver.spans)
             t_start = time.perf_counter()
-            k = 0
             for b in range(args.blocks):
                 order = (ON, OFF) if b % 2 == 0 else (OFF, ON)
+                first = b * args.per_block  # both blocks of a pair send the same photos
                 for mode in order:
                     values = []
-                    for _ in range(args.per_block):
+                    for k in range(first, first + args.per_block):
                         values.append(identify(mode, work[k % len(work)]))
-                        k += 1
                     lat[mode] += values
                     blocks.append((mode, statistics.median(values)))
                     time.sleep(SCHEDULE_DELAY_MS / 1000 + 0.5)
@@ -202,7 +201,7 @@ def run(args: argparse.Namespace) -> None:
           f"sequential requests per configuration ({measured_s:.0f} s measured)")
     print(f"ON : metrics_enabled=True, trace_exporter=otlp -> {len(spans)} spans received "
           f"from {services}")
-    print(f"OFF: metrics_enabled=False, trace_exporter=none")
+    print("OFF: metrics_enabled=False, trace_exporter=none")
     print("faceserve metrics exported for applications: "
           f"{sorted(_metric_apps(text, 'ray_faceserve_stage_latency_ms_count'))} "
           "(ray_serve_* exported for both: "
@@ -229,9 +228,10 @@ def run(args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--blocks", type=int, default=6, help="ON/OFF block pairs")
+    ap.add_argument("--blocks", type=int, default=8, help="ON/OFF block pairs")
     ap.add_argument("--per-block", type=int, default=20, help="sequential requests per block")
-    ap.add_argument("--warmup", type=int, default=4, help="warm-up requests per app")
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="warm-up requests per app (default: each photo once)")
     ap.add_argument("--wait", type=float, default=0, help="seconds to wait for busy benchmark ports")
     args = ap.parse_args()
     _wait_for_ports(args.wait)

@@ -107,6 +107,13 @@ _VERIFY_BODY = {
 _EDGE: dict[str, Any] = {}
 
 
+def _remember_metrics(metrics: ServiceMetrics) -> None:
+    # Called from the class, whose methods serve.ingress pickles by value with
+    # a copy of the module globals; this function is pickled by reference, so
+    # it writes into the _EDGE the middleware really reads.
+    _EDGE["metrics"] = metrics
+
+
 @app.middleware("http")
 async def _observe(request: Request, call_next: Any) -> Response:
     """Root span, request id, trace id header, access log and status counter."""
@@ -237,7 +244,7 @@ class Ingress:
         )
         self._objects = ObjectStore(settings.object_store_url)
         self._metrics = ServiceMetrics(settings.metrics_enabled)
-        _EDGE["metrics"] = self._metrics
+        _remember_metrics(self._metrics)
         self._collections: dict[str, Collection] = {}
         self._last_seq = 0  # this replica's newest write: its own reads wait for it
         self._cfg: dict[str, Any] = {
