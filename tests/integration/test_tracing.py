@@ -55,3 +55,29 @@ def test_incoming_traceparent_is_continued(live_app: LiveApp, client: httpx.Clie
     spans = _wait_for(live_app, parent_trace, {"POST /v1/detect", "Detector.detect"})
     root = next(s for s in spans if s.name == "POST /v1/detect")
     assert root.parent_id == "00f067aa0ba902b7"
+
+
+def test_access_log_is_json_with_request_and_trace_ids(live_app: LiveApp, client: httpx.Client) -> None:
+    import json
+    from pathlib import Path
+
+    with (FACES_DIR / "people" / "obama" / "obama_1.jpg").open("rb") as fh:
+        r = client.post("/v1/detect", files={"image": fh}, headers={"x-request-id": "log-test-7"})
+    trace_id = r.headers["x-trace-id"]
+    logs = Path("/tmp/ray-faceserve-it/session_latest/logs")
+    deadline = time.monotonic() + 20
+    found = None
+    while found is None and time.monotonic() < deadline:
+        for path in logs.rglob("*"):
+            if not path.is_file() or path.suffix not in (".err", ".out", ".log"):
+                continue
+            for line in path.read_text(errors="replace").splitlines():
+                if trace_id in line and line.lstrip().startswith("{"):
+                    found = json.loads(line)
+                    break
+            if found:
+                break
+        time.sleep(0.5)
+    assert found is not None, "no JSON access-log line with the trace id in the replica logs"
+    assert found["request_id"] == "log-test-7" and found["trace_id"] == trace_id
+    assert found["route"] == "/v1/detect" and found["status"] == 200
