@@ -43,13 +43,13 @@ class Detector:
                 kwargs["torch_threads"] = self._threads
             self._detector = make_detector(name, **kwargs)
         self.detect_batch.set_max_batch_size(int(config.get("max_batch_size", 8)))
-        self.detect_batch.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.005)))
+        self.detect_batch.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.0)))
         self._config = dict(config)
 
     async def detect(self, request: DetectRequest) -> DetectionResult:
         return await self.detect_batch(request)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def detect_batch(self, requests: list[DetectRequest]) -> list[DetectionResult]:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._run_batch, requests)

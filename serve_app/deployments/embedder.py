@@ -34,7 +34,7 @@ class Embedder:
             self._model = make_embedder(name, **kwargs)
             self._name = name
         self.embed_batch.set_max_batch_size(int(config.get("max_batch_size", 32)))
-        self.embed_batch.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.005)))
+        self.embed_batch.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.0)))
 
     def info(self) -> dict[str, Any]:
         return {"model": self._model.name, "dim": int(self._model.dim)}
@@ -42,7 +42,7 @@ class Embedder:
     async def embed(self, detection: DetectionResult) -> EmbeddingResult:
         return await self.embed_batch(detection)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
     async def embed_batch(self, detections: list[DetectionResult]) -> list[EmbeddingResult]:
         counts = [len(d.aligned) for d in detections]
         loop = asyncio.get_running_loop()

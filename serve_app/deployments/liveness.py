@@ -32,12 +32,12 @@ class Liveness:
             raise ValueError(f"liveness threshold must be within [0, 1], got {threshold}")
         self._threshold = threshold
         self.check_batch.set_max_batch_size(int(config.get("max_batch_size", 32)))
-        self.check_batch.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.005)))
+        self.check_batch.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.0)))
 
     async def check(self, detection: DetectionResult) -> LivenessResult:
         return await self.check_batch(detection)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
     async def check_batch(self, detections: list[DetectionResult]) -> list[LivenessResult]:
         counts = [len(d) for d in detections]
         n0, t0 = now_ns(), time.perf_counter()
