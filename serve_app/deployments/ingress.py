@@ -148,6 +148,8 @@ async def _observe(request: Request, call_next: Any) -> Response:
         metrics.http_responses.inc(tags={"code": str(response.status_code), "route": route})
     if trace_id:
         response.headers["x-trace-id"] = trace_id
+    # Every answer says how long it took (image answers also list stages in timings_ms).
+    response.headers["server-timing"] = f"total;dur={(time.perf_counter() - t0) * 1000.0:.1f}"
     if route not in ("/healthz", "/readyz"):
         access_logger().info(
             "%s %s %s", request.method, route, response.status_code,

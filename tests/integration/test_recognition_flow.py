@@ -163,6 +163,7 @@ def test_subject_crud_and_paging(client: httpx.Client, gallery: dict[str, Any]) 
             break
     assert len(seen) == len(set(seen)) == page["total"]
     assert sid in seen and set(gallery["subjects"].values()) <= set(seen)
+    assert client.get(f"/v1/subjects/{sid}").headers["server-timing"].startswith("total;dur=")
     assert client.delete(f"/v1/subjects/{sid}").status_code == 200
     assert client.get(f"/v1/subjects/{sid}").status_code == 404
 
