@@ -160,6 +160,11 @@ async def _observe(request: Request, call_next: Any) -> Response:
     return response
 
 
+def _server_side(exc: BaseException) -> bool:
+    """True for failures that are ours (5xx), false for the caller's 4xx."""
+    return not isinstance(exc, FaceServeError) or http_errors.status_for(exc) >= 500
+
+
 def _serve_request_id() -> str | None:
     try:
         from ray.serve.context import _get_serve_request_context
@@ -422,10 +427,9 @@ class Ingress:
         self._check_auth(request)
         try:
             result = await self._verify(request)
-        except FaceServeError:
-            raise
-        except Exception:
-            self._metrics.verifications.inc(tags={"outcome": "error"})
+        except Exception as exc:
+            if _server_side(exc):  # the caller's bad input is not a failed verification
+                self._metrics.verifications.inc(tags={"outcome": "error"})
             raise
         self._metrics.verifications.inc(tags={"outcome": "match" if result["match"] else "no_match"})
         return result
@@ -493,10 +497,9 @@ class Ingress:
                 policy=policy,
                 match=MatchSpec(collection.id, k, max(min_seq, self._last_seq)),
             )
-        except FaceServeError:
-            raise
-        except Exception:
-            self._metrics.identifications.inc(tags={"outcome": "error"})
+        except Exception as exc:
+            if _server_side(exc):
+                self._metrics.identifications.inc(tags={"outcome": "error"})
             raise
         if not len(analysis.detection):
             raise NoFaceFound("no face found in the image")
