@@ -160,3 +160,24 @@ def test_cursor_round_trip_and_garbage() -> None:
     assert _decode_cursor(_encode_cursor(ts, sid)) == (ts, sid)
     with pytest.raises(errors.InvalidRequest):
         _decode_cursor("garbage")
+
+
+def test_api_key_is_checked_in_constant_time_and_both_header_forms_work() -> None:
+    from types import SimpleNamespace
+
+    from serve_app.deployments.ingress import Ingress
+
+    cls = Ingress.func_or_class
+    ingress = object.__new__(cls)
+    ingress._api_key = b"s3cret"
+
+    def req(**headers: str) -> Any:
+        return SimpleNamespace(headers={k.replace("_", "-"): v for k, v in headers.items()})
+
+    ingress._check_auth(req(x_api_key="s3cret"))
+    ingress._check_auth(req(authorization="Bearer s3cret"))
+    for bad in (req(), req(x_api_key="wrong"), req(authorization="Basic s3cret")):
+        with pytest.raises(errors.Unauthorized):
+            ingress._check_auth(bad)
+    ingress._api_key = None  # no key configured: open
+    ingress._check_auth(req())
