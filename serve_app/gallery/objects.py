@@ -47,7 +47,7 @@ class ObjectStore:
         if self.fs.exists(path):
             self.fs.rm_file(path)
 
-    def list(self, prefix: str) -> list[str]:
+    def list_keys(self, prefix: str) -> list[str]:
         base = self._path(prefix.rstrip("/"))
         if not self.fs.exists(base):
             return []

@@ -45,7 +45,7 @@ async def test_put_get_delete(backend: str, tmp_path: Path, request: pytest.Fixt
     await store.aput("crops/c/s/a.jpg", b"\xff\xd8abc")
     await store.aput("crops/c/s/b.jpg", b"\xff\xd8def")
     assert store.get("crops/c/s/a.jpg") == b"\xff\xd8abc"
-    assert store.list("crops/c") == ["crops/c/s/a.jpg", "crops/c/s/b.jpg"]
+    assert store.list_keys("crops/c") == ["crops/c/s/a.jpg", "crops/c/s/b.jpg"]
     assert await store.adelete_many(["crops/c/s/a.jpg", "crops/c/s/missing.jpg"]) == []
     assert not store.exists("crops/c/s/a.jpg") and store.exists("crops/c/s/b.jpg")
 
