@@ -121,6 +121,7 @@ async def _observe(request: Request, call_next: Any) -> Response:
     # it sent one) and returns it in the x-request-id response header itself.
     request_id = request.headers.get("x-request-id") or _serve_request_id() or uuid.uuid4().hex
     t0 = time.perf_counter()
+    metrics: ServiceMetrics | None = _EDGE.get("metrics")
     with span_from(request.headers, f"{request.method} {request.url.path}", kind=SpanKind.SERVER,
                    attributes={"http.method": request.method, "http.target": request.url.path,
                                "faceserve.request_id": request_id}) as sp:
@@ -130,7 +131,7 @@ async def _observe(request: Request, call_next: Any) -> Response:
         except Exception as exc:  # unhandled: counted and logged here, then a 500 upstream
             route = getattr(request.scope.get("route"), "path", "unmatched")
             mark_error(sp, exc)
-            if (metrics := _EDGE.get("metrics")) is not None:
+            if metrics is not None:
                 metrics.http_responses.inc(tags={"code": "500", "route": route})
             access_logger().exception(
                 "%s %s failed", request.method, route,
@@ -143,7 +144,6 @@ async def _observe(request: Request, call_next: Any) -> Response:
         sp.set_attribute("http.status_code", response.status_code)
         if response.status_code >= 500:
             sp.set_status(Status(StatusCode.ERROR))
-    metrics: ServiceMetrics | None = _EDGE.get("metrics")
     if metrics is not None:
         metrics.http_responses.inc(tags={"code": str(response.status_code), "route": route})
     if trace_id:
