@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import posixpath
+import uuid
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -35,6 +36,23 @@ class ObjectStore:
         if _is_local(self.fs):
             self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
         self.fs.pipe_file(path, data)
+
+    def put_atomic(self, key: str, data: bytes) -> None:
+        """Like put, but a reader never sees a half-written object.
+
+        An S3 PUT is already all-or-nothing; a local file is written under a
+        temporary name (``<key>.tmp-<hex>``) and renamed into place.
+        """
+        if not _is_local(self.fs):
+            self.put(key, data)
+            return
+        tmp = f"{key}.tmp-{uuid.uuid4().hex}"
+        self.put(tmp, data)
+        try:
+            self.fs.mv(self._path(tmp), self._path(key))
+        except BaseException:
+            self.delete(tmp)
+            raise
 
     def get(self, key: str) -> bytes:
         return self.fs.cat_file(self._path(key))

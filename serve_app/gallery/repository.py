@@ -411,6 +411,37 @@ class GalleryRepository:
             for r in rows
         ]
 
+    async def load_collection(self, collection_id: int) -> tuple[int, list[Change]]:
+        """One collection's faces plus the log position they reflect (one
+        REPEATABLE READ snapshot), for a replica that has no usable index
+        snapshot of just this collection."""
+        async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            seq = await conn.fetchval("SELECT coalesce(max(seq), 0) FROM changes")
+            rows = await conn.fetch(
+                "SELECT id, subject_id, embedding FROM faces WHERE collection_id = $1 ORDER BY id",
+                collection_id,
+            )
+        return seq, [
+            Change(seq, collection_id, "add", r["id"], r["subject_id"], bytes_to_vec(r["embedding"]))
+            for r in rows
+        ]
+
+    async def log_entries(self, seqs: list[int]) -> dict[int, tuple[int, str, int, str]]:
+        """{seq: (collection_id, op, face_id, subject_id)} for the given seqs that
+        exist; index snapshots carry the entry at their seq to prove they
+        belong to this database's log."""
+        if not seqs:
+            return {}
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT seq, collection_id, op, face_id, subject_id FROM changes "
+                "WHERE seq = ANY($1::bigint[])",
+                list(seqs),
+            )
+        return {
+            r["seq"]: (r["collection_id"], r["op"], r["face_id"], str(r["subject_id"])) for r in rows
+        }
+
     async def changes_since(self, seq: int, limit: int = 5000) -> list[Change]:
         """Log entries after seq; adds carry the embedding if the face still exists.
 

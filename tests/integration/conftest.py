@@ -36,6 +36,9 @@ TEST_OVERRIDES: dict[str, dict[str, Any]] = {
     }
     for name in ("Ingress", "Detector", "Embedder", "Liveness", "Matcher")
 }
+# Snapshot after a few changes, so the restart test starts the matcher from
+# an index snapshot plus log replay rather than from Postgres alone.
+TEST_OVERRIDES["Matcher"]["user_config"] = {"snapshot_every": 2}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -1,0 +1,278 @@
+"""A matcher replica's in-memory gallery, without Ray.
+
+One CollectionIndex per collection plus the face -> subject map, kept in step
+with Postgres's change log. At start it restores the newest usable snapshot of
+each collection from object storage, loads collections that have none from
+Postgres (one collection at a time, or everything at once when there are no
+snapshots at all), then replays the log from the oldest position it holds,
+skipping per collection what that collection's snapshot already reflects.
+It writes snapshots of collections with `snapshot_every` changes not yet in
+any snapshot; the Matcher deployment runs that in the background.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from index.collection_index import CollectionIndex
+from serve_app.messages import Hit
+
+from .index_snapshots import Anchor, CollectionSnapshot, SnapshotStore, encode
+from .repository import Change, Collection, GalleryRepository
+
+log = logging.getLogger(__name__)
+
+_BATCH = 5000
+
+
+@dataclass
+class LoadReport:
+    seq: int
+    faces: int
+    from_snapshot: dict[int, int] = field(default_factory=dict)  # collection -> snapshot seq
+    from_postgres: list[int] = field(default_factory=list)  # collections loaded from rows
+    full_load: bool = False  # no snapshots at all: load_all
+    replayed: int = 0  # log entries read after loading
+    seconds: float = 0.0
+
+
+class GalleryIndex:
+    def __init__(
+        self,
+        repo: GalleryRepository,
+        snapshots: SnapshotStore | None = None,
+        *,
+        snapshot_every: int = 1000,
+        retry_s: float = 30.0,
+    ) -> None:
+        self.repo = repo
+        self.snapshots = snapshots
+        self.snapshot_every = snapshot_every  # 0: never write snapshots
+        self.indexes: dict[int, CollectionIndex] = {}
+        self.subject_of: dict[int, uuid.UUID] = {}
+        self.seq = 0
+        # Changes applied per collection that no snapshot covers yet.
+        self.pending: dict[int, int] = {}
+        self.snapshot_seq: dict[int, int] = {}
+        # Serialises log replay and snapshot capture: a snapshot's index and
+        # map must both be exactly at self.seq. Searches never take it.
+        self.lock = asyncio.Lock()
+        self._retry_s = retry_s
+        self._retry_at = 0.0
+
+    # ------------------------------------------------------------- loading
+    async def load(self) -> LoadReport:
+        t0 = time.perf_counter()
+        async with self.lock:
+            report = await self._load()
+        report.seq = self.seq
+        report.faces = len(self.subject_of)
+        report.seconds = time.perf_counter() - t0
+        return report
+
+    async def _load(self) -> LoadReport:
+        # Read first: any collection or face committed later has a larger seq,
+        # so replaying from <= seq0 cannot miss it.
+        seq0 = await self.repo.latest_seq()
+        collections = {c.id: c for c in await self.repo.list_collections()}
+        found = await self._list_snapshots(seq0, collections)
+        if not found:
+            seq, faces = await self.repo.load_all()
+            self.apply(faces)
+            self.seq = seq
+            report = LoadReport(seq, 0, full_load=True)
+            report.replayed = await self._catch_up()
+            return report
+        entries = await self.repo.log_entries(sorted({s for seqs in found.values() for s in seqs if s > 0}))
+        report = LoadReport(0, 0)
+        loaded: dict[int, int] = {}
+        for cid, seqs in found.items():
+            snap = await self._restore(collections[cid], seqs, entries)
+            if snap is None:
+                continue
+            self.indexes[cid] = snap.index
+            self.subject_of.update(snap.subject_of)
+            loaded[cid] = self.snapshot_seq[cid] = report.from_snapshot[cid] = snap.seq
+        for cid in collections:
+            if cid not in loaded:
+                seq, faces = await self.repo.load_collection(cid)
+                self.apply(faces)
+                loaded[cid] = seq
+                report.from_postgres.append(cid)
+        self.seq = min([seq0, *report.from_snapshot.values()])
+        report.replayed = await self._catch_up(skip=loaded)
+        return report
+
+    async def _list_snapshots(self, seq0: int, collections: dict[int, Collection]) -> dict[int, list[int]]:
+        if self.snapshots is None:
+            return {}
+        try:
+            listed = await asyncio.to_thread(self.snapshots.list_all)
+        except Exception:  # storage down: Postgres alone is still correct
+            log.warning("cannot list index snapshots; loading from Postgres", exc_info=True)
+            return {}
+        found: dict[int, list[int]] = {}
+        for cid, seqs in listed.items():
+            if cid not in collections:
+                log.warning("ignoring index snapshots of collection %s: not in this database", cid)
+                continue
+            usable = [s for s in seqs if s <= seq0]
+            if len(usable) < len(seqs):
+                log.warning("ignoring index snapshots of collection %s newer than the log (%s)", cid, seq0)
+            if usable:
+                found[cid] = usable
+        return found
+
+    async def _restore(
+        self, collection: Collection, seqs: list[int], entries: dict[int, Anchor]
+    ) -> CollectionSnapshot | None:
+        def accept(snap: CollectionSnapshot) -> str | None:
+            if snap.anchor != entries.get(snap.seq):
+                return "its change-log entry is not this database's (foreign or stale snapshot)"
+            if snap.index.dim != collection.dim:
+                return f"dim {snap.index.dim} != collection dim {collection.dim}"
+            return None
+
+        assert self.snapshots is not None
+        try:
+            return await asyncio.to_thread(self.snapshots.load_newest, collection.id, seqs, accept)
+        except Exception:  # whatever storage throws: fall back to Postgres
+            log.warning("cannot read index snapshots of collection %s", collection.id, exc_info=True)
+            return None
+
+    # ------------------------------------------------------------ following
+    async def sync(self) -> int:
+        async with self.lock:
+            await self._catch_up()
+        return self.seq
+
+    async def _catch_up(self, skip: dict[int, int] | None = None) -> int:
+        n = 0
+        while True:
+            changes = await self.repo.changes_since(self.seq, limit=_BATCH)
+            if not changes:
+                return n
+            self.apply(changes, skip)
+            self.seq = changes[-1].seq
+            n += len(changes)
+            if len(changes) < _BATCH:
+                return n
+
+    def apply(self, changes: list[Change], skip: dict[int, int] | None = None) -> None:
+        """Apply log entries (or loaded faces, as adds); entries at or below
+        skip[collection] are already reflected and ignored.
+
+        Face ids are never reused and a face's remove follows its add, so
+        adds and removes of one call can be batched per collection.
+        """
+        adds: dict[int, dict[int, np.ndarray]] = {}
+        removes: dict[int, list[int]] = {}
+        for ch in changes:
+            cid = ch.collection_id
+            if skip is not None and ch.seq <= skip.get(cid, -1):
+                continue
+            self.pending[cid] = self.pending.get(cid, 0) + 1
+            if ch.op == "add":
+                if ch.embedding is None:  # removed again later in the log
+                    continue
+                adds.setdefault(cid, {})[ch.face_id] = ch.embedding
+                self.subject_of[ch.face_id] = ch.subject_id
+            else:
+                if ch.face_id in adds.get(cid, {}):
+                    del adds[cid][ch.face_id]
+                removes.setdefault(cid, []).append(ch.face_id)
+                self.subject_of.pop(ch.face_id, None)
+        for cid, ids in removes.items():
+            if cid in self.indexes:
+                self.indexes[cid].remove(np.array(ids, np.int64))
+        for cid, vecs in adds.items():
+            if not vecs:
+                continue
+            first = next(iter(vecs.values()))
+            index = self.indexes.get(cid)
+            if index is None:
+                index = self.indexes[cid] = CollectionIndex(dim=first.shape[0])
+            index.add(np.fromiter(vecs.keys(), np.int64, len(vecs)), np.stack(list(vecs.values())))
+
+    # ------------------------------------------------------------ searching
+    def search(self, collection_id: int, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+        """Top-k subjects per vector; thread-safe against concurrent apply()."""
+        index = self.indexes.get(collection_id)
+        if index is None or len(index) == 0 or len(vectors) == 0:
+            return [[] for _ in range(len(vectors))]
+        # Ask for more faces than subjects: one subject may own many faces.
+        k_faces = min(len(index), max(8 * k, 64))
+        scores, ids = index.search(vectors, k_faces)
+        return [self._best_per_subject(s, i, k) for s, i in zip(scores, ids)]
+
+    def _best_per_subject(self, scores: np.ndarray, ids: np.ndarray, k: int) -> list[Hit]:
+        seen: set[uuid.UUID] = set()
+        out: list[Hit] = []
+        for score, face_id in zip(scores, ids):
+            if face_id < 0:
+                break
+            subject = self.subject_of.get(int(face_id))
+            if subject is None or subject in seen:
+                continue
+            seen.add(subject)
+            out.append(Hit(subject_id=str(subject), face_id=int(face_id), similarity=float(score)))
+            if len(out) == k:
+                break
+        return out
+
+    # ------------------------------------------------------------ snapshots
+    def snapshot_due(self) -> list[int]:
+        if self.snapshots is None or self.snapshot_every <= 0 or time.monotonic() < self._retry_at:
+            return []
+        return [c for c, n in self.pending.items() if n >= self.snapshot_every and c in self.indexes]
+
+    async def write_snapshots(self) -> list[str]:
+        """Snapshot every due collection; a failure is logged and retried
+        after retry_s, never raised (serving does not depend on it)."""
+        written: list[str] = []
+        for cid in self.snapshot_due():
+            try:
+                key = await self._write_one(cid)
+            except Exception:
+                log.exception("index snapshot of collection %s failed; retrying in %ss", cid, self._retry_s)
+                self._retry_at = time.monotonic() + self._retry_s
+                break
+            if key is not None:
+                written.append(key)
+        return written
+
+    async def _write_one(self, cid: int) -> str | None:
+        assert self.snapshots is not None
+        newest = await asyncio.to_thread(self.snapshots.list_seqs, cid)
+        async with self.lock:
+            seq = self.seq
+            if newest and newest[0] >= seq:  # another replica already covers all we applied
+                self.pending[cid] = 0
+                self.snapshot_seq[cid] = newest[0]
+                return None
+            anchor = (await self.repo.log_entries([seq])).get(seq) if seq else None
+            if seq and anchor is None:
+                raise RuntimeError(f"change-log entry {seq} is missing")
+            counted = self.pending.get(cid, 0)
+            # Under the lock (no apply can interleave) but off the event loop;
+            # searches only need the index's read lock, which this shares.
+            blob = await asyncio.to_thread(encode, cid, seq, anchor, self.indexes[cid], self.subject_of)
+        key = await asyncio.to_thread(self.snapshots.write_blob, cid, seq, blob)
+        self.pending[cid] = self.pending.get(cid, 0) - counted
+        self.snapshot_seq[cid] = seq
+        log.info("wrote index snapshot %s (%d bytes)", key, len(blob))
+        return key
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq,
+            "faces": {cid: len(ix) for cid, ix in self.indexes.items()},
+            "snapshot_seq": dict(self.snapshot_seq),
+            "changes_since_snapshot": dict(self.pending),
+        }
