@@ -7,30 +7,21 @@ that is dropped afterwards.
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import shutil
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-import asyncpg
 
 from serve_app import cluster
+from tests.pgtools import create_database, drop_database
 
 ADMIN_DSN = os.environ.get("FACESERVE_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
 PORTS = cluster.ClusterPorts(gcs=6395, dashboard=8285, metrics=8095, http=18100)
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
-
-async def _admin(sql: str) -> None:
-    conn = await asyncpg.connect(ADMIN_DSN)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
 
 
 @contextlib.contextmanager
@@ -47,18 +38,16 @@ def running_app(
     if url:
         yield url
         return
-    dbname = f"faceserve_bench_{uuid.uuid4().hex[:8]}"
-    asyncio.run(_admin(f'CREATE DATABASE "{dbname}"'))
+    dbname, dsn = create_database("faceserve_bench", ADMIN_DSN)
     workdir = Path(tempfile.mkdtemp(prefix="faceserve-bench-"))
     started = False
     try:
         if not cluster.ray_running(PORTS):
             cluster.start_ray_head(PORTS, num_cpus=4, temp_dir="/tmp/ray-faceserve-bench")
             started = True
-        base, _, _ = ADMIN_DSN.rpartition("/")
         config = cluster.deploy_config(
             {
-                "database_url": f"{base}/{dbname}",
+                "database_url": dsn,
                 "object_store_url": f"file://{workdir / 'objects'}",
                 "models_dir": str(SHARED / "models"),
                 **(app_args or {}),
@@ -73,5 +62,5 @@ def running_app(
         cluster.serve_shutdown(PORTS)
         if started:
             cluster.stop_ray("/tmp/ray-faceserve-bench", gcs_port=PORTS.gcs)
-        asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)'))
+        drop_database(dbname, ADMIN_DSN)
         shutil.rmtree(workdir, ignore_errors=True)

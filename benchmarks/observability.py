@@ -28,7 +28,6 @@ Prints p50/p95/mean per configuration and the ON/OFF ratios. Figures only.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import os
 import shutil
@@ -51,8 +50,9 @@ SHARED = Path(os.environ.get("FACESERVE_SHARED_DIR", ROOT.parent / "shared"))
 os.environ.setdefault("FACE_MODELS_DIR", str(SHARED / "models"))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-from benchmarks.live_app import ADMIN_DSN, PORTS, _admin  # noqa: E402
+from benchmarks.live_app import ADMIN_DSN, PORTS  # noqa: E402
 from serve_app import cluster  # noqa: E402
+from tests.pgtools import create_database, drop_database  # noqa: E402
 from tests.integration.otlp_receiver import OTLPReceiver  # noqa: E402
 
 TEMP_DIR = "/tmp/ray-faceserve-bench"
@@ -91,12 +91,10 @@ def _wait_for_ports(wait_s: float) -> None:
 @contextlib.contextmanager
 def both_apps(receiver: OTLPReceiver) -> Iterator[str]:
     """A Ray head with the ON and OFF apps deployed side by side; yields the base URL."""
-    dbname = f"faceserve_bench_{uuid.uuid4().hex[:8]}"
-    asyncio.run(_admin(f'CREATE DATABASE "{dbname}"'))
+    dbname, dsn = create_database("faceserve_bench", ADMIN_DSN)
     workdir = Path(tempfile.mkdtemp(prefix="faceserve-bench-"))
-    base, _, _ = ADMIN_DSN.rpartition("/")
     common = {
-        "database_url": f"{base}/{dbname}",
+        "database_url": dsn,
         "object_store_url": f"file://{workdir / 'objects'}",
         "models_dir": str(SHARED / "models"),
     }
@@ -120,7 +118,7 @@ def both_apps(receiver: OTLPReceiver) -> Iterator[str]:
     finally:
         cluster.serve_shutdown(PORTS)
         cluster.stop_ray(TEMP_DIR)
-        asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)'))
+        drop_database(dbname, ADMIN_DSN)
         shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -7,24 +7,22 @@ afterwards.
 """
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, AsyncIterator, Iterator
 
-import asyncpg
 import httpx
 import pytest
 
 from serve_app import cluster
+from serve_app.gallery.repository import GalleryRepository, create_pool
 from tests.conftest import MODELS_DIR
 from tests.integration.otlp_receiver import OTLPReceiver
+from tests.pgtools import acreate_database, adrop_database, create_database, drop_database
 
-ADMIN_DSN = os.environ.get("FACESERVE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("FACESERVE_TEST_REDIS", "redis://127.0.0.1:6379/0")
 PORTS = cluster.ClusterPorts(gcs=6390, dashboard=8275, metrics=8090, http=18000)
 
@@ -51,17 +49,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: 0 if Path(str(item.fspath)).name == "test_failover.py" else 1)
 
 
-def _dsn_for(dbname: str) -> str:
-    base, _, _ = ADMIN_DSN.rpartition("/")
-    return f"{base}/{dbname}"
-
-
-async def _admin(sql: str) -> None:
-    conn = await asyncpg.connect(ADMIN_DSN)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
 
 
 @dataclass
@@ -103,12 +90,11 @@ class LiveApp:
 
 @pytest.fixture(scope="session")
 def live_app() -> Iterator[LiveApp]:
-    dbname = f"faceserve_it_{uuid.uuid4().hex[:10]}"
-    asyncio.run(_admin(f'CREATE DATABASE "{dbname}"'))
+    dbname, dsn = create_database("faceserve_it")
     workdir = Path(tempfile.mkdtemp(prefix="faceserve-it-"))
     app = LiveApp(
         url=PORTS.http_url,
-        database_url=_dsn_for(dbname),
+        database_url=dsn,
         object_dir=workdir / "objects",
         ports=PORTS,
         workdir=workdir,
@@ -130,7 +116,7 @@ def live_app() -> Iterator[LiveApp]:
         cluster.serve_shutdown(PORTS)
         if started_ray:
             cluster.stop_ray("/tmp/ray-faceserve-it", gcs_port=PORTS.gcs)
-        asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)'))
+        drop_database(dbname)
         shutil.rmtree(workdir, ignore_errors=True)
         app.traces.stop()
 
@@ -139,3 +125,15 @@ def live_app() -> Iterator[LiveApp]:
 def client(live_app: LiveApp) -> Iterator[httpx.Client]:
     with live_app.client() as c:
         yield c
+
+
+@pytest.fixture()
+async def repo() -> AsyncIterator[GalleryRepository]:
+    """A GalleryRepository on a fresh, migrated database of its own (no Ray)."""
+    name, dsn = await acreate_database("faceserve_repo")
+    pool = await create_pool(dsn, min_size=1, max_size=8)
+    try:
+        yield GalleryRepository(pool)
+    finally:
+        await pool.close()
+        await adrop_database(name)

@@ -30,7 +30,6 @@ session app of the other integration tests (6390/8275/8090/18000,
 """
 from __future__ import annotations
 
-import asyncio
 import collections
 import json
 import os
@@ -39,7 +38,6 @@ import statistics
 import tempfile
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -49,7 +47,8 @@ import pytest
 
 from serve_app import cluster
 from tests.conftest import MODELS_DIR, people
-from tests.integration.conftest import REDIS_URL, _admin, _dsn_for
+from tests.integration.conftest import REDIS_URL
+from tests.pgtools import create_database, drop_database
 from tests.integration.multinode import LocalCluster, NodePorts, app_summary, replicas_by_node
 
 HA_PORTS = cluster.ClusterPorts(gcs=6400, dashboard=8300, metrics=8100, http=18200)
@@ -140,8 +139,7 @@ def ha_app() -> Iterator[HaApp]:
                             *NodePorts(1).all(), *NodePorts(2).all()])
     if busy:
         pytest.fail(f"ports of the failover cluster are in use (another run of this test?): {busy}")
-    dbname = f"faceserve_ha_{uuid.uuid4().hex[:10]}"
-    asyncio.run(_admin(f'CREATE DATABASE "{dbname}"'))
+    dbname, dsn = create_database("faceserve_ha")
     workdir = Path(tempfile.mkdtemp(prefix="faceserve-ha-"))
     started: dict[str, float] = {}
     try:
@@ -150,7 +148,7 @@ def ha_app() -> Iterator[HaApp]:
         lc.add_worker(VICTIM, 1, num_cpus=WORKER_CPUS)
         lc.add_worker(SURVIVOR, 2, num_cpus=WORKER_CPUS)
         started["cluster_s"] = round(time.monotonic() - t0, 1)
-        config = _config(_dsn_for(dbname), workdir / "objects")
+        config = _config(dsn, workdir / "objects")
         attempts = 0
         # Ray Serve spreads replicas across nodes by default (SPREAD), and with
         # two replicas per deployment that has put one on each worker in every
@@ -172,13 +170,13 @@ def ha_app() -> Iterator[HaApp]:
             print(f"replicas not spread over both workers ({spread}); deploying again")
             cluster.serve_shutdown(HA_PORTS)
         assert _spread_ok(spread), f"replicas not one per worker after {attempts} deploys: {spread}"
-        yield HaApp(lc, HA_PORTS.http_url, _dsn_for(dbname), attempts, started)
+        yield HaApp(lc, HA_PORTS.http_url, dsn, attempts, started)
     finally:
         shutdown = threading.Thread(target=cluster.serve_shutdown, args=(HA_PORTS,), daemon=True)
         shutdown.start()
         shutdown.join(60)
         lc.stop()
-        asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)'))
+        drop_database(dbname)
         shutil.rmtree(workdir, ignore_errors=True)
 
 

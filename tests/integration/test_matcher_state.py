@@ -11,22 +11,11 @@ import pytest
 from serve_app.gallery.gallery_index import GalleryIndex
 from serve_app.gallery.index_snapshots import SnapshotStore
 from serve_app.gallery.objects import ObjectStore
-from serve_app.gallery.repository import Collection, GalleryRepository, create_pool
-from tests.integration.conftest import _admin, _dsn_for
+from serve_app.gallery.repository import Collection, GalleryRepository
 
 DIM = 8
 
 
-@pytest.fixture()
-async def repo():
-    dbname = f"faceserve_mstate_{uuid.uuid4().hex[:10]}"
-    await _admin(f'CREATE DATABASE "{dbname}"')
-    pool = await create_pool(_dsn_for(dbname), min_size=1, max_size=4)
-    try:
-        yield GalleryRepository(pool)
-    finally:
-        await pool.close()
-        await _admin(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
 
 
 @pytest.fixture()

@@ -8,20 +8,9 @@ import numpy as np
 import pytest
 
 from models.errors import Conflict, FaceNotFound, InvalidRequest, SubjectNotFound
-from serve_app.gallery.repository import GalleryRepository, create_pool
-from tests.integration.conftest import _admin, _dsn_for
+from serve_app.gallery.repository import GalleryRepository
 
 
-@pytest.fixture()
-async def repo():
-    dbname = f"faceserve_repo_{uuid.uuid4().hex[:10]}"
-    await _admin(f'CREATE DATABASE "{dbname}"')
-    pool = await create_pool(_dsn_for(dbname), min_size=1, max_size=8)
-    try:
-        yield GalleryRepository(pool)
-    finally:
-        await pool.close()
-        await _admin(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
 
 
 def _vec(seed: int, dim: int = 8) -> np.ndarray:
