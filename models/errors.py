@@ -75,6 +75,12 @@ class Unauthorized(FaceServeError):
     code = "unauthorized"
 
 
+class RateLimited(FaceServeError):
+    """Over the per-client request quota; details carry retry_after_s."""
+
+    code = "rate_limited"
+
+
 # --- server side -----------------------------------------------------------
 class WeightsError(FaceServeError):
     code = "weights_error"

@@ -24,6 +24,7 @@ STATUS: dict[type[e.FaceServeError], int] = {
     e.Conflict: 409,
     e.ModelMismatch: 409,
     e.ImageTooLarge: 413,
+    e.RateLimited: 429,
     e.UnsupportedImageType: 415,
     e.NoFaceFound: 422,
     e.MultipleFaces: 422,
@@ -64,7 +65,12 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(e.FaceServeError)
     async def _domain(_: Request, exc: e.FaceServeError) -> JSONResponse:
         details = {k: v for k, v in exc.details.items() if _jsonable(v)}
-        return JSONResponse(error_body(exc.code, exc.message, details), status_code=status_for(exc))
+        headers = {}
+        if isinstance(exc, e.RateLimited) and "retry_after_s" in details:
+            headers["retry-after"] = str(details["retry_after_s"])
+        return JSONResponse(
+            error_body(exc.code, exc.message, details), status_code=status_for(exc), headers=headers
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

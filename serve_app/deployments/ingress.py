@@ -28,6 +28,7 @@ from models.errors import (
     ModelMismatch,
     MultipleFaces,
     NoFaceFound,
+    RateLimited,
     SpoofDetected,
     Unauthorized,
 )
@@ -37,6 +38,7 @@ from serve_app.gallery.objects import ObjectStore
 from serve_app.gallery.repository import Collection, GalleryRepository, create_pool, parse_subject_id
 from serve_app.metrics import ServiceMetrics
 from serve_app.pipeline_client import Analysis, LivenessPolicy, MatchSpec, PipelineClient
+from serve_app.quota import RequestQuota
 from serve_app.request_images import as_bool, as_int, parse_request
 from serve_app.settings import Settings
 from serve_app.telemetry import access_logger, current_trace_id, mark_error, span_from, tracer
@@ -250,6 +252,7 @@ class Ingress:
             )
         )
         self._objects = ObjectStore(settings.object_store_url)
+        self._quota = RequestQuota(settings.redis_url) if settings.redis_url else None
         self._metrics = ServiceMetrics(settings.metrics_enabled)
         _remember_metrics(self._metrics)
         self._collections: dict[str, Collection] = {}
@@ -262,6 +265,7 @@ class Ingress:
             "max_image_pixels": 40_000_000,
             "liveness_policy_default": "off",
             "enrol_liveness_policy_default": "block",
+            "requests_per_minute": 0,  # per client (API key, else IP); 0 = unlimited
         }
         info = await embedder.info.remote()
         self._model, self._dim = info["model"], int(info["dim"])
@@ -292,7 +296,25 @@ class Ingress:
                     log.warning("could not read Redis memory info", exc_info=True)
             await asyncio.sleep(5.0)
 
-    def _check_auth(self, request: Request) -> None:
+    async def _admit(self, request: Request) -> None:
+        """Every /v1 call: the API key, then the caller's per-minute quota."""
+        client = self._check_auth(request)
+        limit = int(self._cfg.get("requests_per_minute") or 0)
+        if limit <= 0 or self._quota is None:
+            return
+        decision = await self._quota.check(client, limit)
+        if not decision.allowed:
+            raise RateLimited(
+                f"more than {limit} requests a minute from this client; retry later",
+                limit=limit,
+                retry_after_s=decision.retry_after_s,
+            )
+
+    def _check_auth(self, request: Request) -> str:
+        """Checks the API key; returns who is calling, for the quota."""
+        if self._api_key is None:
+            host = request.client.host if request.client else "unknown"
+            return f"ip:{host}"
         if self._api_key is None:
             return
         supplied = request.headers.get("x-api-key", "")
@@ -301,6 +323,7 @@ class Ingress:
             supplied = auth[7:]
         if not hmac.compare_digest(supplied.encode(), self._api_key):
             raise Unauthorized("missing or wrong API key (X-API-Key header or Bearer token)")
+        return "key:" + hashlib.sha256(supplied.encode()).hexdigest()[:16]
 
     async def _collection(self, name: str | None, *, create: bool = False) -> Collection:
         name = name or self._settings.default_collection
@@ -394,7 +417,7 @@ class Ingress:
     # ------------------------------------------------------------------ analysis
     @app.post("/v1/detect", tags=["faces"], openapi_extra=_IMAGE_BODY)
     async def detect(self, request: Request) -> dict[str, Any]:
-        self._check_auth(request)
+        await self._admit(request)
         timer = StageTimer()
         req = await parse_request(request, max_bytes=int(self._cfg["max_image_bytes"]))
         policy = self._policy(req.get("liveness"))
@@ -408,7 +431,7 @@ class Ingress:
 
     @app.post("/v1/liveness", tags=["faces"], openapi_extra=_IMAGE_BODY)
     async def liveness(self, request: Request) -> dict[str, Any]:
-        self._check_auth(request)
+        await self._admit(request)
         timer = StageTimer()
         req = await parse_request(request, max_bytes=int(self._cfg["max_image_bytes"]))
         analysis = await self._analyse(
@@ -424,7 +447,7 @@ class Ingress:
 
     @app.post("/v1/verify", tags=["recognition"], openapi_extra=_VERIFY_BODY)
     async def verify(self, request: Request) -> dict[str, Any]:
-        self._check_auth(request)
+        await self._admit(request)
         try:
             result = await self._verify(request)
         except Exception as exc:
@@ -481,7 +504,7 @@ class Ingress:
 
     @app.post("/v1/identify", tags=["recognition"], openapi_extra=_IMAGE_BODY)
     async def identify(self, request: Request) -> dict[str, Any]:
-        self._check_auth(request)
+        await self._admit(request)
         timer = StageTimer()
         req = await parse_request(request, max_bytes=int(self._cfg["max_image_bytes"]))
         collection = await self._collection(req.get("collection"))
@@ -535,13 +558,13 @@ class Ingress:
     # ------------------------------------------------------------------ collections
     @app.get("/v1/collections", tags=["gallery"])
     async def list_collections(self, request: Request) -> dict[str, Any]:
-        self._check_auth(request)
+        await self._admit(request)
         cols = await self._repo.list_collections()
         return {"collections": [{"name": c.name, "embedder": c.embedder, "dim": c.dim} for c in cols]}
 
     @app.post("/v1/collections", tags=["gallery"], status_code=201)
     async def create_collection(self, request: Request) -> dict[str, Any]:
-        self._check_auth(request)
+        await self._admit(request)
         body = await _json(request)
         name = body.get("name")
         if not isinstance(name, str) or not name.strip() or len(name) > 128:
@@ -553,7 +576,7 @@ class Ingress:
     # ------------------------------------------------------------------ subjects
     @app.post("/v1/subjects", tags=["gallery"], status_code=201)
     async def create_subject(self, request: Request) -> dict[str, Any]:
-        self._check_auth(request)
+        await self._admit(request)
         body = await _json(request)
         collection = await self._collection(body.get("collection") or request.query_params.get("collection"))
         metadata = body.get("metadata") or {}
@@ -564,7 +587,7 @@ class Ingress:
 
     @app.get("/v1/subjects", tags=["gallery"])
     async def list_subjects(self, request: Request) -> dict[str, Any]:
-        self._check_auth(request)
+        await self._admit(request)
         q = request.query_params
         collection = await self._collection(q.get("collection"))
         if q.get("name"):
@@ -585,13 +608,13 @@ class Ingress:
 
     @app.get("/v1/subjects/{subject_id}", tags=["gallery"])
     async def get_subject(self, subject_id: str, request: Request) -> dict[str, Any]:
-        self._check_auth(request)
+        await self._admit(request)
         collection = await self._collection(request.query_params.get("collection"))
         return (await self._repo.get_subject(collection, parse_subject_id(subject_id))).to_dict()
 
     @app.patch("/v1/subjects/{subject_id}", tags=["gallery"])
     async def rename_subject(self, subject_id: str, request: Request) -> dict[str, Any]:
-        self._check_auth(request)
+        await self._admit(request)
         body = await _json(request)
         collection = await self._collection(request.query_params.get("collection"))
         subject = await self._repo.rename_subject(collection, parse_subject_id(subject_id), body.get("name"))
@@ -599,7 +622,7 @@ class Ingress:
 
     @app.delete("/v1/subjects/{subject_id}", tags=["gallery"])
     async def delete_subject(self, subject_id: str, request: Request) -> dict[str, Any]:
-        self._check_auth(request)
+        await self._admit(request)
         collection = await self._collection(request.query_params.get("collection"))
         removed = await self._repo.delete_subject(collection, parse_subject_id(subject_id))
         self._last_seq = max(self._last_seq, removed.seq)
@@ -614,7 +637,7 @@ class Ingress:
     # ------------------------------------------------------------------ faces
     @app.post("/v1/subjects/{subject_id}/faces", tags=["gallery"], status_code=201, openapi_extra=_IMAGE_BODY)
     async def enrol_face(self, subject_id: str, request: Request) -> dict[str, Any]:
-        self._check_auth(request)
+        await self._admit(request)
         timer = StageTimer()
         req = await parse_request(request, max_bytes=int(self._cfg["max_image_bytes"]))
         collection = await self._collection(req.get("collection"))
@@ -667,14 +690,14 @@ class Ingress:
 
     @app.get("/v1/subjects/{subject_id}/faces", tags=["gallery"])
     async def list_faces(self, subject_id: str, request: Request) -> dict[str, Any]:
-        self._check_auth(request)
+        await self._admit(request)
         collection = await self._collection(request.query_params.get("collection"))
         faces = await self._repo.list_faces(collection, parse_subject_id(subject_id))
         return {"faces": [f.to_dict() for f in faces]}
 
     @app.delete("/v1/subjects/{subject_id}/faces/{face_id}", tags=["gallery"])
     async def delete_face(self, subject_id: str, face_id: int, request: Request) -> dict[str, Any]:
-        self._check_auth(request)
+        await self._admit(request)
         collection = await self._collection(request.query_params.get("collection"))
         removed = await self._repo.delete_face(collection, parse_subject_id(subject_id), face_id)
         self._last_seq = max(self._last_seq, removed.seq)

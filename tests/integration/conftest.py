@@ -69,6 +69,10 @@ class LiveApp:
         cluster.serve_deploy(self._config(overrides), self.ports, self.workdir)
         cluster.wait_ready(self.url, timeout_s=300)
 
+    def reconfigure(self, overrides: dict[str, dict[str, Any]]) -> None:
+        """Deploy changed options (e.g. user_config) over the running app, no restart."""
+        cluster.serve_deploy(self._config(overrides), self.ports, self.workdir)
+
     def _config(self, overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
         merged = {k: dict(v) for k, v in TEST_OVERRIDES.items()}
         for name, opts in (overrides or {}).items():

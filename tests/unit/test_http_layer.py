@@ -175,10 +175,13 @@ def test_api_key_is_checked_in_constant_time_and_both_header_forms_work() -> Non
     def req(**headers: str) -> Any:
         return SimpleNamespace(headers={k.replace("_", "-"): v for k, v in headers.items()})
 
-    ingress._check_auth(req(x_api_key="s3cret"))
-    ingress._check_auth(req(authorization="Bearer s3cret"))
+    caller = ingress._check_auth(req(x_api_key="s3cret"))
+    assert caller.startswith("key:") and "s3cret" not in caller  # quota key, not the secret
+    assert ingress._check_auth(req(authorization="Bearer s3cret")) == caller
     for bad in (req(), req(x_api_key="wrong"), req(authorization="Basic s3cret")):
         with pytest.raises(errors.Unauthorized):
             ingress._check_auth(bad)
-    ingress._api_key = None  # no key configured: open
-    ingress._check_auth(req())
+    ingress._api_key = None  # no key configured: open, and the quota counts per IP
+    open_req = req()
+    open_req.client = SimpleNamespace(host="10.1.2.3")
+    assert ingress._check_auth(open_req) == "ip:10.1.2.3"
