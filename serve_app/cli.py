@@ -68,6 +68,15 @@ def _cmd_start(args: argparse.Namespace) -> int:
         app_args["database_url"] = start_embedded_postgres(data_dir)
     if settings.object_store_url == "file://./data/objects":
         app_args["object_store_url"] = f"file://{data_dir / 'objects'}"
+    # Settings from this shell travel as app args: replicas may run in a Ray
+    # cluster that was started with another environment.
+    if settings.redis_url:
+        app_args["redis_url"] = settings.redis_url
+    if settings.api_key is not None:
+        app_args["api_key"] = settings.api_key.get_secret_value()
+    if settings.trace_exporter != "none":
+        app_args["trace_exporter"] = settings.trace_exporter
+        app_args["otlp_endpoint"] = settings.otlp_endpoint
     models_dir = settings.models_dir or _default_models_dir()
     if models_dir:
         app_args["models_dir"] = str(Path(models_dir).resolve())
