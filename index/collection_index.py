@@ -26,8 +26,6 @@ reads); add/remove/train/nprobe changes take an exclusive lock.
 from __future__ import annotations
 
 import hashlib
-import json
-import struct
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,6 +35,8 @@ import numpy as np
 
 from models.errors import IndexCorrupt, InvalidRequest
 
+from . import framing
+
 __all__ = ["CollectionIndex", "SNAPSHOT_FORMAT_VERSION"]
 
 KINDS = ("flat", "ivf")
@@ -44,7 +44,6 @@ METRICS = ("ip", "l2")
 
 # Snapshot layout: MAGIC | uint16 version | uint32 header length | JSON header | faiss bytes
 _MAGIC = b"FSIDX\x00"
-_PREFIX = struct.Struct("<HI")
 SNAPSHOT_FORMAT_VERSION = 1
 _MAX_HEADER = 64 * 1024
 
@@ -347,8 +346,7 @@ class CollectionIndex:
             "payload_len": len(payload),
             "payload_sha256": hashlib.sha256(payload).hexdigest(),
         }
-        hbytes = json.dumps(header, sort_keys=True).encode("utf-8")
-        return b"".join([_MAGIC, _PREFIX.pack(SNAPSHOT_FORMAT_VERSION, len(hbytes)), hbytes, payload])
+        return framing.pack(_MAGIC, SNAPSHOT_FORMAT_VERSION, header, payload)
 
     @classmethod
     def read_snapshot_header(cls, data: bytes | bytearray | memoryview) -> dict:
@@ -358,33 +356,18 @@ class CollectionIndex:
 
     @staticmethod
     def _split(data: bytes | bytearray | memoryview) -> tuple[dict, memoryview]:
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise IndexCorrupt(f"snapshot must be bytes, got {type(data).__name__}")
-        view = memoryview(data).cast("B")
-        start = len(_MAGIC) + _PREFIX.size
-        if len(view) < start or bytes(view[: len(_MAGIC)]) != _MAGIC:
-            raise IndexCorrupt("not a faceserve index snapshot (bad magic)")
-        version, hlen = _PREFIX.unpack(view[len(_MAGIC) : start])
-        if version != SNAPSHOT_FORMAT_VERSION:
-            raise IndexCorrupt(
-                f"unsupported index snapshot format {version} (this build reads {SNAPSHOT_FORMAT_VERSION})"
-            )
-        if hlen > _MAX_HEADER or len(view) < start + hlen:
-            raise IndexCorrupt("index snapshot header is truncated")
-        try:
-            header = json.loads(bytes(view[start : start + hlen]).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise IndexCorrupt(f"index snapshot header is unreadable: {exc}") from None
+        header, payload = framing.unpack(
+            data, magic=_MAGIC, version=SNAPSHOT_FORMAT_VERSION, what="index snapshot",
+            max_header=_MAX_HEADER,
+        )
         required = {
             "format": int, "dim": int, "metric": str, "kind": str, "nlist": int, "nprobe": int,
             "ntotal": int, "seq": int, "payload_len": int, "payload_sha256": str,
         }
-        if not isinstance(header, dict):
-            raise IndexCorrupt("index snapshot header is not an object")
         for key, typ in required.items():
             if not isinstance(header.get(key), typ) or isinstance(header.get(key), bool):
                 raise IndexCorrupt(f"index snapshot header lacks a valid {key!r}")
-        if header["format"] != version:
+        if header["format"] != SNAPSHOT_FORMAT_VERSION:
             raise IndexCorrupt("index snapshot header disagrees with its format version")
         if header["kind"] not in KINDS or header["metric"] not in METRICS:
             raise IndexCorrupt(
@@ -392,7 +375,6 @@ class CollectionIndex:
             )
         if header["dim"] < 1 or header["nlist"] < 1 or header["nprobe"] < 1 or header["seq"] < 0:
             raise IndexCorrupt("index snapshot header has out-of-range values")
-        payload = view[start + hlen :]
         if len(payload) != header["payload_len"]:
             raise IndexCorrupt(
                 f"index snapshot payload is {len(payload)} bytes, header says {header['payload_len']}"

@@ -7,19 +7,17 @@ the order of exactly tied scores, which the merge breaks by ascending id).
 from __future__ import annotations
 
 import hashlib
-import json
-import struct
 
 import numpy as np
 
 from models.errors import IndexCorrupt, InvalidRequest
 
 from .collection_index import CollectionIndex
+from . import framing
 
 __all__ = ["ShardedIndex"]
 
 _MAGIC = b"FSSHD\x00"
-_PREFIX = struct.Struct("<HI")
 _FORMAT = 1
 _MAX_HEADER = 1024 * 1024
 
@@ -118,38 +116,28 @@ class ShardedIndex:
             "lengths": [len(b) for b in blobs],
             "sha256": [hashlib.sha256(b).hexdigest() for b in blobs],
         }
-        hbytes = json.dumps(header, sort_keys=True).encode("utf-8")
-        return b"".join([_MAGIC, _PREFIX.pack(_FORMAT, len(hbytes)), hbytes, *blobs])
+        return framing.pack(_MAGIC, _FORMAT, header, *blobs)
 
     @classmethod
     def restore(cls, data: bytes | bytearray | memoryview) -> tuple[ShardedIndex, int]:
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise IndexCorrupt(f"snapshot must be bytes, got {type(data).__name__}")
-        view = memoryview(data).cast("B")
-        start = len(_MAGIC) + _PREFIX.size
-        if len(view) < start or bytes(view[: len(_MAGIC)]) != _MAGIC:
-            raise IndexCorrupt("not a faceserve sharded index snapshot (bad magic)")
-        version, hlen = _PREFIX.unpack(view[len(_MAGIC) : start])
-        if version != _FORMAT:
-            raise IndexCorrupt(f"unsupported sharded snapshot format {version}")
-        if hlen > _MAX_HEADER or len(view) < start + hlen:
-            raise IndexCorrupt("sharded snapshot header is truncated")
+        header, body = framing.unpack(
+            data, magic=_MAGIC, version=_FORMAT, what="sharded index snapshot", max_header=_MAX_HEADER
+        )
         try:
-            header = json.loads(bytes(view[start : start + hlen]).decode("utf-8"))
             n_shards = int(header["n_shards"])
             seq = int(header["seq"])
             lengths = [int(n) for n in header["lengths"]]
             digests = [str(d) for d in header["sha256"]]
-        except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError) as exc:
             raise IndexCorrupt(f"sharded snapshot header is unreadable: {exc}") from None
         if n_shards < 1 or len(lengths) != n_shards or len(digests) != n_shards:
             raise IndexCorrupt("sharded snapshot header is inconsistent")
-        if len(view) != start + hlen + sum(lengths):
+        if len(body) != sum(lengths):
             raise IndexCorrupt("sharded snapshot is truncated or has trailing bytes")
         shards = []
-        pos = start + hlen
+        pos = 0
         for n, digest in zip(lengths, digests):
-            blob = view[pos : pos + n]
+            blob = body[pos : pos + n]
             if hashlib.sha256(blob).hexdigest() != digest:
                 raise IndexCorrupt("sharded snapshot checksum mismatch")
             shard, shard_seq = CollectionIndex.restore(blob)

@@ -16,17 +16,15 @@ The newest ``keep`` snapshots per collection are kept, older ones deleted.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
-import struct
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
+from index import framing
 from index.collection_index import CollectionIndex
 from models.errors import IndexCorrupt
 
@@ -35,7 +33,6 @@ from .objects import ObjectStore
 log = logging.getLogger(__name__)
 
 _MAGIC = b"FSCSNAP\x00"
-_PREFIX = struct.Struct("<HI")
 FORMAT_VERSION = 1
 _MAX_HEADER = 64 * 1024
 _NAME = re.compile(r"^(\d{20})\.snap$")
@@ -76,29 +73,17 @@ def encode(
         "body_len": len(body),
         "body_sha256": hashlib.sha256(body).hexdigest(),
     }
-    hbytes = json.dumps(header, sort_keys=True).encode("utf-8")
-    return b"".join([_MAGIC, _PREFIX.pack(FORMAT_VERSION, len(hbytes)), hbytes, body])
+    return framing.pack(_MAGIC, FORMAT_VERSION, header, body)
 
 
 def decode(data: bytes, *, collection_id: int | None = None, seq: int | None = None) -> CollectionSnapshot:
     """Parse and fully validate a blob; IndexCorrupt for anything not whole and ours."""
-    view = memoryview(data).cast("B")
-    start = len(_MAGIC) + _PREFIX.size
-    if len(view) < start or bytes(view[: len(_MAGIC)]) != _MAGIC:
-        raise IndexCorrupt("not a faceserve collection snapshot (bad magic)")
-    version, hlen = _PREFIX.unpack(view[len(_MAGIC) : start])
-    if version != FORMAT_VERSION:
-        raise IndexCorrupt(f"unsupported collection snapshot format {version}")
-    if hlen > _MAX_HEADER or len(view) < start + hlen:
-        raise IndexCorrupt("collection snapshot header is truncated")
-    try:
-        header: dict[str, Any] = json.loads(bytes(view[start : start + hlen]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise IndexCorrupt(f"collection snapshot header is unreadable: {exc}") from None
+    header, body = framing.unpack(
+        data, magic=_MAGIC, version=FORMAT_VERSION, what="collection snapshot", max_header=_MAX_HEADER
+    )
     for key in ("collection_id", "seq", "faces", "index_len", "body_len"):
         if not isinstance(header.get(key), int) or header[key] < 0:
             raise IndexCorrupt(f"collection snapshot header lacks a valid {key!r}")
-    body = view[start + hlen :]
     if len(body) != header["body_len"]:
         raise IndexCorrupt(f"collection snapshot body is {len(body)} bytes, header says {header['body_len']}")
     if hashlib.sha256(body).hexdigest() != header.get("body_sha256"):
