@@ -39,7 +39,7 @@ from serve_app.gallery.repository import Collection, GalleryRepository, create_p
 from serve_app.metrics import ServiceMetrics
 from serve_app.pipeline_client import Analysis, LivenessPolicy, MatchSpec, PipelineClient
 from serve_app.quota import RequestQuota
-from serve_app.request_images import as_bool, as_int, parse_request
+from serve_app.request_images import ParsedRequest, as_bool, as_int, parse_request
 from serve_app.settings import Settings
 from serve_app.telemetry import access_logger, current_trace_id, mark_error, span_from, tracer
 from serve_app.timing import StageTimer
@@ -296,6 +296,13 @@ class Ingress:
                     log.warning("could not read Redis memory info", exc_info=True)
             await asyncio.sleep(5.0)
 
+    async def _image_request(self, request: Request, *, admit: bool = True) -> tuple[StageTimer, ParsedRequest]:
+        """Admit the caller (unless done already), start the clock, read the body."""
+        if admit:
+            await self._admit(request)
+        timer = StageTimer()
+        return timer, await parse_request(request, max_bytes=int(self._cfg["max_image_bytes"]))
+
     async def _admit(self, request: Request) -> None:
         """Every /v1 call: the API key, then the caller's per-minute quota."""
         client = self._check_auth(request)
@@ -417,9 +424,7 @@ class Ingress:
     # ------------------------------------------------------------------ analysis
     @app.post("/v1/detect", tags=["faces"], openapi_extra=_IMAGE_BODY)
     async def detect(self, request: Request) -> dict[str, Any]:
-        await self._admit(request)
-        timer = StageTimer()
-        req = await parse_request(request, max_bytes=int(self._cfg["max_image_bytes"]))
+        timer, req = await self._image_request(request)
         policy = self._policy(req.get("liveness"))
         analysis = await self._analyse(req.image("image", "file"), timer, embed=False, policy=policy)
         w, h = analysis.detection.image_size
@@ -431,9 +436,7 @@ class Ingress:
 
     @app.post("/v1/liveness", tags=["faces"], openapi_extra=_IMAGE_BODY)
     async def liveness(self, request: Request) -> dict[str, Any]:
-        await self._admit(request)
-        timer = StageTimer()
-        req = await parse_request(request, max_bytes=int(self._cfg["max_image_bytes"]))
+        timer, req = await self._image_request(request)
         analysis = await self._analyse(
             req.image("image", "file"), timer, embed=False, policy=LivenessPolicy.FLAG
         )
@@ -458,8 +461,7 @@ class Ingress:
         return result
 
     async def _verify(self, request: Request) -> dict[str, Any]:
-        timer = StageTimer()
-        req = await parse_request(request, max_bytes=int(self._cfg["max_image_bytes"]))
+        timer, req = await self._image_request(request, admit=False)  # verify() admitted it
         policy = self._policy(req.get("liveness"))
         threshold = float(self._cfg["verify_threshold"])
         subject_id = req.get("subject_id")
@@ -504,9 +506,7 @@ class Ingress:
 
     @app.post("/v1/identify", tags=["recognition"], openapi_extra=_IMAGE_BODY)
     async def identify(self, request: Request) -> dict[str, Any]:
-        await self._admit(request)
-        timer = StageTimer()
-        req = await parse_request(request, max_bytes=int(self._cfg["max_image_bytes"]))
+        timer, req = await self._image_request(request)
         collection = await self._collection(req.get("collection"))
         k = as_int(req.get("top_k"), "top_k", default=int(self._cfg["top_k"]), lo=1, hi=100)
         min_seq = as_int(req.get("min_seq"), "min_seq", default=0, lo=0, hi=2**62)
@@ -637,9 +637,7 @@ class Ingress:
     # ------------------------------------------------------------------ faces
     @app.post("/v1/subjects/{subject_id}/faces", tags=["gallery"], status_code=201, openapi_extra=_IMAGE_BODY)
     async def enrol_face(self, subject_id: str, request: Request) -> dict[str, Any]:
-        await self._admit(request)
-        timer = StageTimer()
-        req = await parse_request(request, max_bytes=int(self._cfg["max_image_bytes"]))
+        timer, req = await self._image_request(request)
         collection = await self._collection(req.get("collection"))
         sid = parse_subject_id(subject_id)
         await self._repo.get_subject(collection, sid)  # 404 before any model work
