@@ -32,6 +32,7 @@ from models.errors import (
     SpoofDetected,
     Unauthorized,
 )
+from models.embedding import SFACE_DEFAULT_THRESHOLD
 from models.images import decode_image
 from serve_app import http_errors
 from serve_app.gallery.objects import ObjectStore
@@ -56,48 +57,22 @@ that says what was wrong."""
 app = FastAPI(title="faceserve", version="0.1.0", description=API_DESCRIPTION)
 http_errors.install(app)
 
-_IMAGE_BODY = {
-    "requestBody": {
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {"image": {"type": "string", "format": "binary"}},
-                }
-            },
-            "application/json": {
-                "schema": {"type": "object", "properties": {"image": {"type": "string", "format": "byte"}}}
-            },
-            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
-        }
-    }
-}
-_VERIFY_BODY = {
-    "requestBody": {
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "image1": {"type": "string", "format": "binary"},
-                        "image2": {"type": "string", "format": "binary"},
-                        "subject_id": {"type": "string"},
-                    },
-                }
-            },
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "image1": {"type": "string", "format": "byte"},
-                        "image2": {"type": "string", "format": "byte"},
-                        "subject_id": {"type": "string"},
-                    },
-                }
-            },
-        }
-    }
-}
+def _body_schema(images: tuple[str, ...], fields: tuple[str, ...] = ()) -> dict[str, Any]:
+    """OpenAPI request body for routes that read the body themselves (parse_request)."""
+
+    def props(image_format: str) -> dict[str, Any]:
+        out: dict[str, Any] = {name: {"type": "string", "format": image_format} for name in images}
+        out.update({name: {"type": "string"} for name in fields})
+        return {"schema": {"type": "object", "properties": out}}
+
+    content = {"multipart/form-data": props("binary"), "application/json": props("byte")}
+    if images == ("image",):
+        content["image/jpeg"] = {"schema": {"type": "string", "format": "binary"}}
+    return {"requestBody": {"content": content}}
+
+
+_IMAGE_BODY = _body_schema(("image",))
+_VERIFY_BODY = _body_schema(("image1", "image2"), ("subject_id",))
 
 
 # serve.ingress() pickles the FastAPI app while this module is still being
@@ -244,7 +219,6 @@ class Ingress:
         settings.setup_telemetry("Ingress")
         self._settings = settings
         self._pipeline = PipelineClient(detector, embedder, liveness, matcher)
-        self._embedder = embedder
         self._api_key = settings.api_key.get_secret_value().encode() if settings.api_key else None
         self._repo = GalleryRepository(
             await create_pool(
@@ -258,8 +232,8 @@ class Ingress:
         self._collections: dict[str, Collection] = {}
         self._last_seq = 0  # this replica's newest write: its own reads wait for it
         self._cfg: dict[str, Any] = {
-            "verify_threshold": 0.363,
-            "identify_threshold": 0.363,
+            "verify_threshold": SFACE_DEFAULT_THRESHOLD,
+            "identify_threshold": SFACE_DEFAULT_THRESHOLD,
             "top_k": 5,
             "max_image_bytes": 15_000_000,
             "max_image_pixels": 40_000_000,

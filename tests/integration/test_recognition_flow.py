@@ -207,3 +207,15 @@ def test_gallery_survives_a_restart(live_app: LiveApp, gallery: dict[str, Any]) 
             assert listed.get(name) == sid
         body = _identify(client, people()["obama"][1])
         assert body["faces"][0]["subject"]["id"] == gallery["subjects"]["obama"]
+
+
+def test_openapi_documents_every_route_with_its_bodies(client: httpx.Client) -> None:
+    spec = client.get("/openapi.json").json()
+    paths = spec["paths"]
+    for path in ("/v1/detect", "/v1/verify", "/v1/identify", "/v1/liveness", "/v1/subjects",
+                 "/v1/subjects/{subject_id}/faces", "/healthz", "/readyz"):
+        assert path in paths, path
+    verify = paths["/v1/verify"]["post"]["requestBody"]["content"]
+    assert set(verify["multipart/form-data"]["schema"]["properties"]) == {"image1", "image2", "subject_id"}
+    assert "image/jpeg" in paths["/v1/identify"]["post"]["requestBody"]["content"]
+    assert client.get("/docs").status_code == 200
