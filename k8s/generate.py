@@ -13,6 +13,11 @@ One source of truth each:
                                         -> k8s/base/monitoring/prometheusrule.yaml
   monitoring/grafana/dashboards/*.json + provisioning/datasources/*.y*ml
                                         -> k8s/base/monitoring/grafana-provisioning.yaml
+  pyproject.toml's version              -> the tag of every `image: faceserve:...`
+                                           in k8s/base/serve/rayservice.yaml (and so
+                                           the ha patch) and k8s/jobs/enroll-folder/
+                                           rayjob.yaml: the image built by the
+                                           Dockerfile is faceserve:<version>
 
 Usage:
   python k8s/generate.py           write the files
@@ -26,7 +31,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +49,9 @@ RULES_SRC = ROOT / "monitoring" / "rules" / "face-recognition-rules.yml"
 RULES_OUT = K8S / "base" / "monitoring" / "prometheusrule.yaml"
 GRAFANA_SRC = ROOT / "monitoring" / "grafana"
 GRAFANA_OUT = K8S / "base" / "monitoring" / "grafana-provisioning.yaml"
+PYPROJECT = ROOT / "pyproject.toml"
+ENROLL_RAYJOB = K8S / "jobs" / "enroll-folder" / "rayjob.yaml"
+IMAGE = "faceserve"
 
 PART_OF = {"app.kubernetes.io/part-of": "faceserve"}
 # In-cluster addresses for Grafana datasources, by datasource type.
@@ -130,6 +140,23 @@ def ha_serve_config(config: dict, values: dict) -> dict:
     if missing:
         raise ValueError(f"ha-values.yaml names unknown deployments {sorted(missing)}")
     return config
+
+
+# -------------------------------------------------------------------- image
+def package_version() -> str:
+    """pyproject's version: one version for the package, the image and k8s/."""
+    return tomllib.loads(PYPROJECT.read_text())["project"]["version"]
+
+
+_IMAGE_LINE = re.compile(rf"^(\s*(?:- )?image: ){IMAGE}:\S+$", re.MULTILINE)
+
+
+def set_image_tag(text: str, version: str, where: Path) -> str:
+    """Every `image: faceserve:<tag>` line of a manifest, retagged to version."""
+    new, count = _IMAGE_LINE.subn(lambda m: f"{m.group(1)}{IMAGE}:{version}", text)
+    if count == 0:
+        raise ValueError(f"{where}: no `image: {IMAGE}:<tag>` line")
+    return new
 
 
 # --------------------------------------------------------------- rayservice
@@ -287,8 +314,12 @@ def outputs() -> dict[Path, str]:
     values = yaml.safe_load(HA_VALUES.read_text())
     out: dict[Path, str] = {}
 
-    base_text = splice_serve_config(BASE_RAYSERVICE.read_text(), serve_config_text(config))
+    version = package_version()
+    base_text = set_image_tag(
+        splice_serve_config(BASE_RAYSERVICE.read_text(), serve_config_text(config)),
+        version, BASE_RAYSERVICE)
     out[BASE_RAYSERVICE] = base_text
+    out[ENROLL_RAYJOB] = set_image_tag(ENROLL_RAYJOB.read_text(), version, ENROLL_RAYJOB)
     base_rs = yaml.safe_load(base_text)
 
     out[HA_PATCH] = "---\n" + header(_rel(SERVE_CONFIG), _rel(HA_VALUES),

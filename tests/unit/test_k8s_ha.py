@@ -430,7 +430,7 @@ def test_ray_pods_get_the_app_settings(target):
     assert config["FACESERVE_OBJECT_STORE_URL"] == "s3://faceserve/"
     for where, tmpl in M.pod_templates(rayservice(objs)):
         c = container(tmpl)
-        assert c["image"] == "faceserve:0.1.0"
+        assert c["image"] == f"faceserve:{M.load_module('generate').package_version()}"
         names = [e["name"] for e in c["env"]]
         assert REQUIRED_ENV <= set(names), where
         # $(REDIS_PASSWORD) in REDIS_URL only expands if defined earlier
