@@ -12,7 +12,6 @@ from typing import Any
 import cv2
 import numpy as np
 
-from models.errors import InvalidRequest
 from models.weights import ResolvedWeights, resolve_weights, verify_file
 
 # Cosine-similarity threshold for "same person" with SFace on our crops.
@@ -51,7 +50,7 @@ def _check_crops(crops: np.ndarray) -> np.ndarray:
     if crops.ndim == 3:  # a single crop
         crops = crops[None]
     if crops.ndim != 4 or crops.shape[-1] != 3 or crops.shape[1] != crops.shape[2] or crops.dtype != np.uint8:
-        raise InvalidRequest(f"embedder expects (N, S, S, 3) uint8 RGB crops, got {crops.shape} {crops.dtype}")
+        raise ValueError(f"embedder expects (N, S, S, 3) uint8 RGB crops, got {crops.shape} {crops.dtype}")
     return crops
 
 
@@ -182,5 +181,5 @@ def make_embedder(name: str, **kwargs: Any) -> Embedder:
     try:
         cls = EMBEDDERS[name.lower()]
     except KeyError:
-        raise InvalidRequest(f"unknown embedder {name!r}; choose one of {sorted(EMBEDDERS)}") from None
+        raise ValueError(f"unknown embedder {name!r}; choose one of {sorted(EMBEDDERS)}") from None
     return cls(**kwargs)

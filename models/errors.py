@@ -20,7 +20,7 @@ class FaceServeError(Exception):
 
 
 # --- bad input (client errors) -------------------------------------------
-class InvalidRequest(FaceServeError):
+class InvalidRequest(FaceServeError, ValueError):
     code = "invalid_request"
 
 

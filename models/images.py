@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -19,11 +21,44 @@ from PIL import (  # noqa: F401
     JpegImagePlugin,
     MpoImagePlugin,
     PngImagePlugin,
+    PpmImagePlugin,
     TiffImagePlugin,
     WebPImagePlugin,
 )
 
-from models.errors import ImageDecodeError, ImageTooLarge, InvalidRequest, UnsupportedImageType
+
+class ImageError(ValueError):
+    """Bytes that cannot become a picture; ``code`` names why, for callers."""
+
+    code = "image_error"
+
+    def __init__(self, message: str, **details: object) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class ImageUnreadable(ImageError):
+    """Claims to be an image but cannot be decoded (truncated, corrupt)."""
+
+    code = "image_unreadable"
+
+
+class ImageUnsupported(ImageError):
+    """Not one of the accepted formats (or not an image at all)."""
+
+    code = "unsupported_media_type"
+
+
+class ImageTooLarge(ImageError):
+    """Over the byte, pixel or memory limit (decompression bombs)."""
+
+    code = "image_too_large"
+
+
+# Old names, kept for callers written before the rename.
+ImageDecodeError = ImageUnreadable
+UnsupportedImageType = ImageUnsupported
 
 DEFAULT_MAX_BYTES = 15_000_000
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -31,7 +66,8 @@ DEFAULT_MAX_PIXELS = 40_000_000
 # Pillow plugins we let parse untrusted input. Restricting Image.open to these
 # keeps exotic decoders (EPS calls Ghostscript, etc.) out of reach. Phone
 # "MPO" JPEGs come through the JPEG opener.
-SUPPORTED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
+SUPPORTED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "PPM")
+_FORMAT_LIST = "JPEG, PNG, WebP, BMP, TIFF, GIF or PGM/PPM"
 
 
 def sniff_format(data: bytes | bytearray | memoryview) -> str | None:
@@ -56,6 +92,9 @@ def sniff_format(data: bytes | bytearray | memoryview) -> str | None:
             return "BMP"
     if head[:4] in (b"II*\x00", b"MM\x00*"):
         return "TIFF"
+    # Netpbm (PBM/PGM/PPM, ASCII P1-P3 and binary P4-P6): "P" + digit + whitespace.
+    if len(head) >= 3 and head[0:1] == b"P" and head[1:2] in b"123456" and head[2:3] in b" \t\r\n#":
+        return "PPM"
     if len(head) >= 12 and head[4:8] == b"ftyp":
         brand = head[8:12]
         if brand in (b"avif", b"avis"):
@@ -71,7 +110,7 @@ def sniff_format(data: bytes | bytearray | memoryview) -> str | None:
 
 def _check_pixels(width: int, height: int, max_pixels: int) -> None:
     if width <= 0 or height <= 0:
-        raise ImageDecodeError(f"image has invalid dimensions {width}x{height}", width=width, height=height)
+        raise ImageUnreadable(f"image has invalid dimensions {width}x{height}", width=width, height=height)
     if width * height > max_pixels:
         raise ImageTooLarge(
             f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}",
@@ -128,6 +167,60 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV ...
 
 
+@contextmanager
+def open_checked(
+    data: bytes | bytearray | memoryview,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Iterator[tuple[Image.Image, str]]:
+    """Open untrusted bytes with Pillow, header only: size, format and pixel
+    count are checked before any pixel is decoded. Yields (image, format)."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"image must be bytes, got {type(data).__name__}")
+    size = len(data)
+    if size == 0:
+        raise ImageUnreadable("image is empty (0 bytes)")
+    if size > max_bytes:
+        raise ImageTooLarge(f"image is {size} bytes, over the limit of {max_bytes}",
+                            size=size, max_bytes=max_bytes)
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise ImageUnsupported(f"not a recognised image; send {_FORMAT_LIST}",
+                               supported=list(SUPPORTED_FORMATS))
+    if fmt not in SUPPORTED_FORMATS:
+        raise ImageUnsupported(f"{fmt} images are not supported; send {_FORMAT_LIST}",
+                               format=fmt, supported=list(SUPPORTED_FORMATS))
+    # No warnings.catch_warnings() here: it swaps process-global state and this
+    # runs in thread pools. Our pixel limit is checked first anyway; Pillow's
+    # own bomb error (over 2 x Image.MAX_IMAGE_PIXELS) is mapped below.
+    try:
+        with Image.open(io.BytesIO(bytes(data)), formats=SUPPORTED_FORMATS) as im:
+            _check_pixels(im.width, im.height, max_pixels)  # header only, nothing decoded yet
+            yield im, fmt
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"image rejected as a decompression bomb: {exc}", format=fmt) from exc
+    except ImageError:
+        raise
+    except Image.UnidentifiedImageError as exc:
+        raise ImageUnreadable(f"{fmt} image could not be read: the header is corrupt", format=fmt) from exc
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError,
+            ZeroDivisionError, struct.error) as exc:
+        # Pillow reports truncated/corrupt data with a grab bag of exception types.
+        raise ImageUnreadable(f"{fmt} image is truncated or corrupt: {exc}", format=fmt) from exc
+
+
+def decode_opened(im: Image.Image) -> np.ndarray:
+    """An image from open_checked -> (H, W, 3) uint8 RGB, EXIF orientation applied."""
+    im.load()
+    im = _apply_exif_orientation(im)
+    rgb = _to_rgb(im)
+    arr = np.array(rgb, dtype=np.uint8)  # own copy: detached from PIL's buffer
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ImageUnreadable(f"decoded image has unexpected shape {arr.shape}")
+    return np.ascontiguousarray(arr)
+
+
 def decode_image(
     data: bytes | bytearray | memoryview,
     *,
@@ -135,46 +228,5 @@ def decode_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> np.ndarray:
     """Bytes -> (H, W, 3) uint8 RGB, C-contiguous, EXIF orientation applied."""
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise InvalidRequest(f"image must be bytes, got {type(data).__name__}")
-    size = len(data)
-    if size == 0:
-        raise ImageDecodeError("image is empty (0 bytes)")
-    if size > max_bytes:
-        raise ImageTooLarge(f"image is {size} bytes, over the limit of {max_bytes}",
-                            size=size, max_bytes=max_bytes)
-
-    fmt = sniff_format(data)
-    if fmt is None:
-        raise UnsupportedImageType(
-            "not a recognised image; send JPEG, PNG, WebP, BMP, TIFF or GIF",
-            supported=list(SUPPORTED_FORMATS))
-    if fmt not in SUPPORTED_FORMATS:
-        raise UnsupportedImageType(
-            f"{fmt} images are not supported; send JPEG, PNG, WebP, BMP, TIFF or GIF",
-            format=fmt, supported=list(SUPPORTED_FORMATS))
-
-    # No warnings.catch_warnings() here: it swaps process-global state and this
-    # runs in thread pools. Our pixel limit is checked first anyway; Pillow's
-    # own bomb error (over 2 x Image.MAX_IMAGE_PIXELS) is mapped below.
-    try:
-        with Image.open(io.BytesIO(bytes(data)), formats=SUPPORTED_FORMATS) as im:
-            _check_pixels(im.width, im.height, max_pixels)  # header only, nothing decoded yet
-            im.load()
-            im = _apply_exif_orientation(im)
-            rgb = _to_rgb(im)
-            arr = np.array(rgb, dtype=np.uint8)  # own copy: detached from PIL's buffer
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(f"image rejected as a decompression bomb: {exc}", format=fmt) from exc
-    except (ImageTooLarge, ImageDecodeError):
-        raise
-    except Image.UnidentifiedImageError as exc:
-        raise ImageDecodeError(f"{fmt} image could not be read: the header is corrupt", format=fmt) from exc
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError,
-            ZeroDivisionError, struct.error) as exc:
-        # Pillow reports truncated/corrupt data with a grab bag of exception types.
-        raise ImageDecodeError(f"{fmt} image is truncated or corrupt: {exc}", format=fmt) from exc
-
-    if arr.ndim != 3 or arr.shape[2] != 3:
-        raise ImageDecodeError(f"decoded image has unexpected shape {arr.shape}", format=fmt)
-    return np.ascontiguousarray(arr)
+    with open_checked(data, max_bytes=max_bytes, max_pixels=max_pixels) as (im, _fmt):
+        return decode_opened(im)

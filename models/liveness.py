@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.errors import InvalidRequest, WeightsError
+from models.weights import WeightsError
 
 __all__ = [
     "CROP_SIZE",
@@ -227,13 +227,13 @@ def build_minifasnet(arch: str) -> MiniFASNet:
 def _as_rgb(image: np.ndarray) -> np.ndarray:
     arr = np.asarray(image)
     if arr.dtype != np.uint8:
-        raise InvalidRequest(f"image must be uint8, got dtype {arr.dtype}", field="image")
+        raise ValueError(f"image must be uint8, got dtype {arr.dtype}")
     if arr.ndim == 3 and arr.shape[2] == 4:
         arr = arr[:, :, :3]
     if arr.ndim != 3 or arr.shape[2] != 3:
-        raise InvalidRequest(f"image must have shape (H, W, 3), got {arr.shape}", field="image")
+        raise ValueError(f"image must have shape (H, W, 3), got {arr.shape}")
     if arr.shape[0] < 2 or arr.shape[1] < 2:
-        raise InvalidRequest(f"image is too small: {arr.shape[1]}x{arr.shape[0]}", field="image")
+        raise ValueError(f"image is too small: {arr.shape[1]}x{arr.shape[0]}")
     return arr
 
 
@@ -246,17 +246,17 @@ def crop_window(
     """
     src_w, src_h = int(image_size[0]), int(image_size[1])
     if len(box) != 4:
-        raise InvalidRequest(f"box must be (x1, y1, x2, y2), got {box!r}", field="box")
+        raise ValueError(f"box must be (x1, y1, x2, y2), got {box!r}")
     x1, y1, x2, y2 = (float(v) for v in box)
     if not np.isfinite([x1, y1, x2, y2]).all():
-        raise InvalidRequest(f"box has non-finite coordinates: {box!r}", field="box")
+        raise ValueError(f"box has non-finite coordinates: {box!r}")
     if not scale > 0:
-        raise InvalidRequest(f"scale must be positive, got {scale!r}", field="scale")
+        raise ValueError(f"scale must be positive, got {scale!r}")
     # Upstream's detector wrapper: [int(left), int(top), int(right-left+1), int(bottom-top+1)].
     bx, by = int(x1), int(y1)
     bw, bh = int(x2 - x1 + 1), int(y2 - y1 + 1)
     if bw <= 0 or bh <= 0:
-        raise InvalidRequest(f"box is empty: {box!r}", field="box")
+        raise ValueError(f"box is empty: {box!r}")
 
     s = min(float(scale), (src_h - 1) / bh, (src_w - 1) / bw)
     cw, ch = bw * s, bh * s
@@ -362,16 +362,16 @@ class LivenessModel:
 
         if num_threads is not None:
             if int(num_threads) < 1:
-                raise InvalidRequest(f"num_threads must be >= 1, got {num_threads}")
+                raise ValueError(f"num_threads must be >= 1, got {num_threads}")
             with _THREADS_LOCK:
                 torch.set_num_threads(int(num_threads))
         if max_batch < 1:
-            raise InvalidRequest(f"max_batch must be >= 1, got {max_batch}")
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.device = torch.device(device)
         self.max_batch = int(max_batch)
         self.specs = tuple(specs)
         if len({s.scale for s in self.specs}) != len(self.specs):
-            raise InvalidRequest("liveness models must use distinct crop scales")
+            raise ValueError("liveness models must use distinct crop scales")
         self.weight_paths: dict[str, Path] = {}
         self._models: list[nn.Module] = []
         for spec in self.specs:
@@ -403,12 +403,12 @@ class LivenessModel:
 
     def _batch(self, crops_by_scale: Mapping[float, np.ndarray]) -> tuple[int, list[np.ndarray]]:
         if not isinstance(crops_by_scale, Mapping):
-            raise InvalidRequest("crops must be a mapping {scale: (N, 80, 80, 3) array}")
+            raise ValueError("crops must be a mapping {scale: (N, 80, 80, 3) array}")
         by_scale = {float(k): v for k, v in crops_by_scale.items()}
         missing = [s for s in self.scales if s not in by_scale]
         if missing:
-            raise InvalidRequest(
-                f"liveness crops missing for scale(s) {missing}; need {self.scales}", field="crops"
+            raise ValueError(
+                f"liveness crops missing for scale(s) {missing}; need {self.scales}"
             )
         arrays, n = [], None
         for scale in self.scales:
@@ -416,16 +416,16 @@ class LivenessModel:
             if arr.ndim == 3:
                 arr = arr[None]
             if arr.ndim != 4 or arr.shape[1:] != (CROP_SIZE, CROP_SIZE, 3):
-                raise InvalidRequest(
+                raise ValueError(
                     f"liveness crops at scale {scale} must be (N, {CROP_SIZE}, {CROP_SIZE}, 3), "
-                    f"got {arr.shape}", field="crops",
+                    f"got {arr.shape}"
                 )
             if arr.dtype != np.uint8:
-                raise InvalidRequest(
-                    f"liveness crops must be uint8, got {arr.dtype}", field="crops"
+                raise ValueError(
+                    f"liveness crops must be uint8, got {arr.dtype}"
                 )
             if n is not None and arr.shape[0] != n:
-                raise InvalidRequest("liveness crops differ in count between scales", field="crops")
+                raise ValueError("liveness crops differ in count between scales")
             n = arr.shape[0]
             arrays.append(arr)
         return int(n or 0), arrays

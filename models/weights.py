@@ -26,7 +26,25 @@ from typing import Any
 
 import yaml
 
-from models.errors import ChecksumMismatch, WeightsError, WeightsNotFound
+
+class WeightsError(RuntimeError):
+    """Weights that cannot be used: missing, unreadable or not the pinned file."""
+
+    code = "weights_error"
+
+    def __init__(self, message: str, **details: object) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class WeightsNotFound(WeightsError):
+    code = "weights_not_found"
+
+
+class ChecksumMismatch(WeightsError):
+    code = "checksum_mismatch"
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MANIFEST = REPO_ROOT / "configs" / "weights.yaml"

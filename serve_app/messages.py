@@ -1,30 +1,49 @@
-"""What travels between deployments: small dataclasses of numpy arrays.
+"""What travels between deployments: small typed dataclasses.
 
-Only the ingress ever holds the full image; the detector hands on aligned
-112x112 crops (and, when liveness is asked for, two 80x80 context crops per
-face), so Ray pickles kilobytes per face instead of megabytes per image.
+The ingress sends the detector the *compressed* bytes (DetectRequest). The
+detector decodes them reduced, and hands on aligned 112x112 crops, the
+liveness context crops and, for enrolment, one JPEG crop per face, so Ray
+pickles kilobytes per face instead of megabytes per image. Values keep full
+precision here; rounding happens only at the HTTP edge.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
+
+Box = tuple[float, float, float, float]  # x1, y1, x2, y2 in original-image pixels
+
+
+@dataclass(frozen=True)
+class DetectOptions:
+    liveness_crops: bool = False
+    enrol_crops: bool = False  # a JPEG of each face (with margin) for storage
 
 
 @dataclass
 class DetectRequest:
-    image: np.ndarray  # (H, W, 3) uint8 RGB
-    liveness_crops: bool = False
+    data: bytes  # the upload as received: JPEG/PNG/... bytes, never decoded pixels
+    options: DetectOptions = DetectOptions()
     trace: dict[str, str] = field(default_factory=dict)  # W3C context of the caller's span
 
 
 @dataclass
+class FaceInfo:
+    box: Box
+    landmarks: np.ndarray  # (5, 2) float32, ArcFace order, original pixels
+    score: float
+    quality: dict[str, object] | None = None  # score + reasons, when the detector computes them
+
+
+@dataclass
 class DetectionResult:
-    faces: list[dict[str, Any]]  # DetectedFace.to_dict(), largest first
+    faces: list[FaceInfo]  # largest first
     aligned: np.ndarray  # (n, 112, 112, 3) uint8 RGB
-    liveness_crops: dict[float, np.ndarray] | None  # scale -> (n, 80, 80, 3)
-    image_size: tuple[int, int]  # (width, height)
+    liveness_crops: dict[float, np.ndarray] | None  # scale -> (n, 80, 80, 3) BGR
+    enrol_crops: list[bytes] | None  # JPEG per face
+    image_size: tuple[int, int]  # (width, height), after EXIF orientation
+    image_format: str
     timings_ms: dict[str, float] = field(default_factory=dict)
     trace: dict[str, str] = field(default_factory=dict)
 

@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./data")
     default_collection: str = "default"
     # Threads each model replica may use for inference (2-core machines: keep small).
-    inference_threads: int = 1
+    inference_threads: int | None = None  # None: the whole CPUs the replica was given (at least 1)
     # Observability: "otlp" (to otlp_endpoint), "console" or "none".
     trace_exporter: str = "none"
     otlp_endpoint: str | None = Field(

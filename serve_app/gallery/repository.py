@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 import numpy as np
 
-from models.errors import Conflict, FaceNotFound, InvalidRequest, SubjectNotFound
+from serve_app.errors import Conflict, FaceNotFound, InvalidRequest, SubjectNotFound
 
 from .migrations import migrate
 

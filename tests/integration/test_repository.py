@@ -7,7 +7,7 @@ import uuid
 import numpy as np
 import pytest
 
-from models.errors import Conflict, FaceNotFound, InvalidRequest, SubjectNotFound
+from serve_app.errors import Conflict, FaceNotFound, InvalidRequest, SubjectNotFound
 from serve_app.gallery.repository import GalleryRepository
 
 

@@ -17,7 +17,9 @@ from models.embedding import (
     cosine_similarity,
     make_embedder,
 )
-from models.errors import InvalidRequest, WeightsNotFound
+from models.weights import WeightsNotFound
+
+InvalidRequest = ValueError  # model code raises ValueError for bad input
 from models.pipeline import FacePipeline
 from models.weights import clear_hash_cache, load_manifest, sha256_file
 

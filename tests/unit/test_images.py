@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from models.errors import ImageDecodeError, ImageTooLarge, InvalidRequest, UnsupportedImageType
-from models.images import decode_image, sniff_format
+from models.images import ImageTooLarge, ImageUnreadable as ImageDecodeError, ImageUnsupported as UnsupportedImageType, decode_image, sniff_format
+
+InvalidRequest = TypeError  # not bytes at all
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.errors import ChecksumMismatch, InvalidRequest, WeightsError
+from models.weights import ChecksumMismatch, WeightsError
+
+InvalidRequest = ValueError  # model code raises ValueError for bad input
 from models.liveness import (
     CROP_SIZE,
     DEFAULT_LIVE_THRESHOLD,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from models import weights as W
-from models.errors import ChecksumMismatch, WeightsNotFound
+from models.weights import ChecksumMismatch, WeightsNotFound
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -240,7 +240,7 @@ def test_verify_all_reports_bad_checksum(empty_dirs, models_dir: Path) -> None:
 # --- packaging ----------------------------------------------------------------------------
 def test_models_package_imports_without_ray() -> None:
     code = ("import sys, models.weights, models.images, models.alignment, models.detection, "
-            "models.embedding, models.pipeline, models.errors; "
+            "models.embedding, models.pipeline, models.working_image; "
             "bad = [m for m in ('ray', 'torch') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True, timeout=120)

@@ -1,0 +1,62 @@
+"""One validated user_config model per deployment; the defaults live here.
+
+serve_config.yaml's user_config blocks are checked against these in each
+deployment's reconfigure(): an unknown key or a value out of range fails the
+deploy with a readable message instead of surfacing later as a 500.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.embedding import SFACE_DEFAULT_THRESHOLD
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class IngressConfig(_Config):
+    verify_threshold: float = Field(SFACE_DEFAULT_THRESHOLD, ge=-1.0, le=1.0)
+    identify_threshold: float = Field(SFACE_DEFAULT_THRESHOLD, ge=-1.0, le=1.0)
+    top_k: int = Field(5, ge=1, le=100)
+    max_image_bytes: int = Field(15_000_000, ge=1024)
+    max_image_pixels: int = Field(40_000_000, ge=4096)
+    liveness_policy_default: Literal["off", "flag", "block"] = "off"
+    enrol_liveness_policy_default: Literal["off", "flag", "block"] = "block"
+    # per client (API key, else IP), counted in Redis; 0 = unlimited
+    requests_per_minute: int = Field(0, ge=0)
+    # Deadline for one pass through the model graph; past it the answer is 503.
+    pipeline_timeout_s: float = Field(10.0, gt=0.0, le=120.0)
+    # Deadline for getting a Postgres connection from the pool.
+    db_acquire_timeout_s: float = Field(3.0, gt=0.0, le=60.0)
+    # Retry-After sent with 503s caused by overload.
+    retry_after_s: int = Field(1, ge=1, le=300)
+
+
+class DetectorConfig(_Config):
+    detector: Literal["yunet", "mtcnn"] = "yunet"
+    score_threshold: float = Field(0.7, gt=0.0, lt=1.0)
+    min_face_size: int = Field(20, ge=4)
+    # Long side of the working image the detector searches.
+    max_side: int = Field(1280, ge=64, le=8192)
+    max_image_bytes: int = Field(15_000_000, ge=1024)
+    max_image_pixels: int = Field(40_000_000, ge=4096)
+    # Largest decode done whole in memory; larger images are decoded streaming.
+    full_decode_bytes: int = Field(48_000_000, ge=1_000_000)
+    max_batch_size: int = Field(8, ge=1, le=256)
+    batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class EmbedderConfig(_Config):
+    embedder: Literal["sface", "facenet"] = "sface"
+    # Faces per batch (batches are sized by faces, not requests).
+    max_batch_size: int = Field(32, ge=1, le=1024)
+    batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class LivenessConfig(_Config):
+    threshold: float = Field(0.5, ge=0.0, le=1.0)
+    max_batch_size: int = Field(32, ge=1, le=1024)
+    batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=1.0)

@@ -1,0 +1,115 @@
+"""Every error the service raises on purpose, in one place.
+
+Two roots, because they mean different things to the caller:
+- CallerError: the request was wrong (bad image, unknown subject, no face);
+  a 4xx that says why. Retrying the same request will not help.
+- InternalFault: we could not answer (a dependency down, overload, a model
+  missing); a 5xx, usually 503 with Retry-After.
+Model and index code (models/, index/) raise ValueError/TypeError/RuntimeError
+and know nothing of these; the services translate. HTTP statuses are assigned
+only at the edge (serve_app/api/errors.py).
+"""
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base class; ``code`` is a stable identifier clients can branch on."""
+
+    code = "error"
+
+    def __init__(self, message: str, **details: object) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+# --- the caller's errors (4xx) ----------------------------------------------
+class CallerError(ServiceError):
+    code = "invalid_request"
+
+
+class InvalidRequest(CallerError):
+    code = "invalid_request"
+
+
+class ImageUnreadable(CallerError):
+    code = "image_unreadable"
+
+
+class UnsupportedMediaType(CallerError):
+    code = "unsupported_media_type"
+
+
+class PayloadTooLarge(CallerError):
+    code = "image_too_large"
+
+
+class NoFaceFound(CallerError):
+    code = "no_face"
+
+
+class MultipleFaces(CallerError):
+    code = "multiple_faces"
+
+
+class SpoofDetected(CallerError):
+    code = "spoof_detected"
+
+
+class NotFound(CallerError):
+    code = "not_found"
+
+
+class SubjectNotFound(NotFound):
+    code = "subject_not_found"
+
+
+class FaceNotFound(NotFound):
+    code = "face_not_found"
+
+
+class CollectionNotFound(NotFound):
+    code = "collection_not_found"
+
+
+class Conflict(CallerError):
+    code = "conflict"
+
+
+class ModelMismatch(Conflict):
+    """Embeddings from different embedders cannot be compared."""
+
+    code = "model_mismatch"
+
+
+class Unauthorized(CallerError):
+    code = "unauthorized"
+
+
+class RateLimited(CallerError):
+    """Over the per-client request quota; details carry retry_after_s."""
+
+    code = "rate_limited"
+
+
+# --- our faults (5xx) ----------------------------------------------------------
+class InternalFault(ServiceError):
+    code = "internal_error"
+
+
+class ServiceUnavailable(InternalFault):
+    """Overload, a lost replica, a dependency down: retry after retry_after_s."""
+
+    code = "unavailable"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1, **details: object) -> None:
+        super().__init__(message, retry_after_s=retry_after_s, **details)
+        self.retry_after_s = retry_after_s
+
+
+class ModelUnavailable(InternalFault):
+    code = "weights_error"
+
+
+class IndexCorrupt(InternalFault):
+    code = "index_corrupt"

@@ -1,0 +1,83 @@
+"""Everything the detector cuts around a face, from the best pixels it has.
+
+The working image (long side <= max_side) is enough for faces that are
+large in it. A face that came out small is re-read at full resolution, but
+only the region around it (WorkingImage.region), so alignment, liveness and
+the stored enrolment crop see the real pixels without decoding the whole
+upload. Pure functions, no Ray: unit-tested directly.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from models.alignment import align_face
+from models.detection import DetectedFace
+from models.liveness import LIVENESS_SPECS, liveness_crop
+from models.working_image import WorkingImage
+
+ALIGNED_SIZE = 112
+LIVENESS_SIZE = 80
+# A face narrower than this in the working image is re-read at full resolution.
+FULL_RES_BELOW_PX = 2 * ALIGNED_SIZE
+ENROL_MARGIN = 0.25
+ENROL_MAX_SIDE = 1024
+# The region read back covers the widest liveness context (x4.0) around the face.
+REGION_SCALE = max(spec.scale for spec in LIVENESS_SPECS)
+
+
+@dataclass
+class FaceCrops:
+    aligned: np.ndarray  # (112, 112, 3) uint8 RGB
+    liveness: dict[float, np.ndarray] | None  # scale -> (80, 80, 3) BGR
+    enrol_jpeg: bytes | None
+
+
+def _scaled(face: DetectedFace, factor: float, dx: float = 0.0, dy: float = 0.0) -> tuple[tuple[float, float, float, float], np.ndarray]:
+    x1, y1, x2, y2 = face.box
+    box = ((x1 - dx) * factor, (y1 - dy) * factor, (x2 - dx) * factor, (y2 - dy) * factor)
+    lms = (face.landmarks - np.array([dx, dy], np.float32)) * np.float32(factor)
+    return box, lms
+
+
+def cut_face(work: WorkingImage, face: DetectedFace, *, liveness: bool, enrol: bool) -> FaceCrops:
+    """``face`` is in original-image coordinates."""
+    small = min(face.width, face.height) * work.scale < FULL_RES_BELOW_PX and work.scale < 1.0
+    if small or enrol:
+        pixels, (ox, oy), factor = _region(work, face)
+    else:
+        pixels, ox, oy, factor = work.pixels, 0.0, 0.0, work.scale
+    box, lms = _scaled(face, factor, ox, oy)
+    aligned = align_face(pixels, lms, ALIGNED_SIZE)
+    live = None
+    if liveness:
+        live = {spec.scale: liveness_crop(pixels, box, spec.scale, LIVENESS_SIZE) for spec in LIVENESS_SPECS}
+    enrol_jpeg = _enrol_jpeg(pixels, box) if enrol else None
+    return FaceCrops(aligned, live, enrol_jpeg)
+
+
+def _region(work: WorkingImage, face: DetectedFace) -> tuple[np.ndarray, tuple[float, float], float]:
+    """Full-resolution pixels around the face; (pixels, origin, factor=1)."""
+    if work.scale >= 1.0 and work.full is None:
+        return work.pixels, (0.0, 0.0), 1.0
+    cx, cy = (face.box[0] + face.box[2]) / 2, (face.box[1] + face.box[3]) / 2
+    half = max(face.width, face.height) * REGION_SCALE / 2
+    region, origin = work.region((cx - half, cy - half, cx + half, cy + half))
+    return region, (float(origin[0]), float(origin[1])), 1.0
+
+
+def _enrol_jpeg(pixels: np.ndarray, box: tuple[float, float, float, float]) -> bytes:
+    h, w = pixels.shape[:2]
+    bw, bh = box[2] - box[0], box[3] - box[1]
+    x1 = int(max(0, box[0] - ENROL_MARGIN * bw))
+    y1 = int(max(0, box[1] - ENROL_MARGIN * bh))
+    x2 = int(min(w, box[2] + ENROL_MARGIN * bw))
+    y2 = int(min(h, box[3] + ENROL_MARGIN * bh))
+    im = Image.fromarray(pixels[y1:max(y2, y1 + 1), x1:max(x2, x1 + 1)])
+    im.thumbnail((ENROL_MAX_SIDE, ENROL_MAX_SIDE))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()

@@ -1,0 +1,88 @@
+"""One helper for every batched model stage (detector, embedder, liveness).
+
+Each stage used to repeat the same plumbing: hand the batch to a private
+executor (never the replica's event loop), time it, record a span per request
+under its caller's trace, feed the stage-latency metric and split a combined
+result back per request. BatchedStage does that once.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol, TypeVar
+
+import numpy as np
+
+from serve_app.metrics import ServiceMetrics
+from serve_app.telemetry import now_ns, record_span
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Traced(Protocol):
+    trace: dict[str, str]
+
+
+class BatchedStage:
+    """Runs ``work(batch)`` on a one-thread executor and records it.
+
+    One thread: each replica owns a fraction of a core and its model session
+    is sized to that (see model_threads()); more threads would only contend.
+    """
+
+    def __init__(self, name: str, metrics: ServiceMetrics, *, span: str | None = None) -> None:
+        self.name = name
+        self.span = span or name
+        self._metrics = metrics
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+
+    async def run(
+        self,
+        batch: Sequence[T],
+        work: Callable[[Sequence[T]], list[R]],
+        *,
+        faces: int | None = None,
+        attributes: dict[str, Any] | None = None,
+    ) -> tuple[list[R], float]:
+        """Returns the per-request results and the batch's milliseconds."""
+        n0, t0 = now_ns(), time.perf_counter()
+        results = await asyncio.get_running_loop().run_in_executor(self._executor, work, batch)
+        ms = (time.perf_counter() - t0) * 1000.0
+        n1 = now_ns()
+        if faces is None or faces > 0:
+            self._metrics.observe_stages({self.name: ms})
+        attrs = {"batch.requests": len(batch), **({"batch.faces": faces} if faces is not None else {}),
+                 **(attributes or {})}
+        for item in batch:
+            trace = getattr(item, "trace", None)
+            if trace:
+                record_span(trace, self.span, n0, n1, attrs)
+        return results, ms
+
+
+def split_rows(rows: np.ndarray, counts: Sequence[int]) -> list[np.ndarray]:
+    """Split a stacked (sum(counts), ...) array back into per-request parts."""
+    out, start = [], 0
+    for n in counts:
+        out.append(rows[start : start + n])
+        start += n
+    return out
+
+
+def model_threads(default: int = 1) -> int:
+    """Threads for a model session: the whole CPUs this replica was given.
+
+    Measured on 2 cores (benchmarks/pipeline.py): a 0.5-CPU replica with 2
+    SFace threads ran slower under load than with 1, since the threads of
+    the other replicas compete for the same cores.
+    """
+    try:
+        import ray
+
+        cpus = float(ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0))
+    except Exception:  # outside Ray (tests, benchmarks): the caller's default
+        return default
+    return max(1, int(cpus))
