@@ -1,18 +1,9 @@
 #!/usr/bin/env bash
-# Creates .venv and installs faceserve with everything it needs. Idempotent.
+# Creates .venv and installs faceserve with everything it needs, the test
+# tools included. Idempotent. The steps live in scripts/install.sh, which the
+# Dockerfile runs too (without the test extras), so CI installs what the
+# image runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  "$PYTHON" -m venv .venv
-fi
-. .venv/bin/activate
-python -m pip install -q --upgrade pip
-# torch/torchvision first, pinned: the build machines carry these wheels on
-# disk; a looser spec would pull a different multi-GB build.
-python -m pip install -q torch==2.14.1 torchvision==0.29.1
-python -m pip install -q -e '.[test]'
-# facenet-pytorch pins an old torch; its real needs are declared in pyproject.
-python -m pip install -q --no-deps facenet-pytorch==2.6.0
-python -c "import torch, torchvision, facenet_pytorch, ray, faiss, cv2, onnxruntime" 
+bash scripts/install.sh --venv .venv --extras test
 echo "faceserve environment ready in .venv"
