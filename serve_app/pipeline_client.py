@@ -1,54 +1,36 @@
 """The ingress's view of the model graph: one call runs detect -> (embed, liveness) -> match.
 
-DeploymentResponses are passed straight into the next handle call, so the
-embedder, liveness and matcher start as soon as their inputs exist and the
-ingress only awaits what it needs. Liveness and embedding run concurrently
-on the same detection.
+The upload's compressed bytes go to the detector; DeploymentResponses are
+passed straight into the next handle call, so the embedder, liveness and
+matcher start as soon as their inputs exist and only crops and vectors
+cross processes. Every call has a deadline: past it, or when a deployment's
+queue is full, the answer is a fast 503 (ServiceUnavailable), never a
+growing wait.
 """
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
-import numpy as np
-from ray.serve.handle import DeploymentHandle
+from ray.exceptions import ActorDiedError, ActorUnavailableError, NodeDiedError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
-from ray.exceptions import ActorDiedError, ActorUnavailableError, NodeDiedError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-
-from models.errors import InvalidRequest, ServiceUnavailable
-from serve_app.http_errors import unwrap
-from serve_app.telemetry import carrier_from_current
+from models.images import ImageError
+from serve_app.errors import ServiceError, ServiceUnavailable
 from serve_app.messages import (
     DetectionResult,
+    DetectOptions,
     DetectRequest,
     EmbeddingResult,
     LivenessResult,
     MatchResult,
 )
-
+from serve_app.telemetry import carrier_from_current
 
 _REPLICA_LOST = (ActorDiedError, ActorUnavailableError, NodeDiedError)
 _OVERLOADED = (BackPressureError, DeploymentUnavailableError)
-
-
-class LivenessPolicy(str, Enum):
-    OFF = "off"
-    FLAG = "flag"
-    BLOCK = "block"
-
-    @classmethod
-    def parse(cls, value: Any, default: "LivenessPolicy") -> "LivenessPolicy":
-        if value is None or value == "":
-            return default
-        try:
-            return cls(str(value).lower())
-        except ValueError:
-            raise InvalidRequest(
-                f"liveness must be one of off, flag, block; got {value!r}", field="liveness"
-            ) from None
 
 
 @dataclass
@@ -66,11 +48,36 @@ class Analysis:
         return out
 
 
-@dataclass
+@dataclass(frozen=True)
 class MatchSpec:
     collection_id: int
     k: int
     min_seq: int = 0
+
+
+@dataclass(frozen=True)
+class AnalyseSpec:
+    embed: bool = False
+    liveness: bool = False
+    enrol_crops: bool = False
+    match: MatchSpec | None = None
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The error raised inside another deployment, out of Ray's RayTaskError
+    (whose ``cause`` is the original exception object)."""
+    cur: BaseException | None = exc
+    for _ in range(6):
+        if cur is None:
+            break
+        cause = getattr(cur, "cause", None) if isinstance(cur, RayTaskError) else None
+        if cause is not None:
+            cur = cause
+            continue
+        if isinstance(cur, (ServiceError, ImageError)):
+            return cur
+        cur = cur.__cause__
+    return exc
 
 
 class PipelineClient:
@@ -80,74 +87,83 @@ class PipelineClient:
         embedder: DeploymentHandle,
         liveness: DeploymentHandle,
         matcher: DeploymentHandle,
+        *,
+        timeout_s: float = 10.0,
+        retry_after_s: int = 1,
     ) -> None:
         self.detector = detector
         self.embedder = embedder
         self.liveness = liveness
         self.matcher = matcher
+        self.timeout_s = timeout_s
+        self.retry_after_s = retry_after_s
 
-    async def analyse(
-        self,
-        image: np.ndarray,
-        *,
-        embed: bool,
-        liveness: bool,
-        match: MatchSpec | None = None,
-    ) -> Analysis:
+    async def analyse(self, data: bytes, spec: AnalyseSpec) -> Analysis:
         """Run the graph once; if a replica dies under the call, run it once more.
 
         Every stage is a pure read, so a retry is safe; the router sends it to
-        a live replica. A second loss (or a saturated deployment) is a 503.
+        a live replica. A second loss, a full queue or the deadline is a 503.
         """
         for attempt in (1, 2):
             try:
-                return await self._analyse_once(image, embed=embed, liveness=liveness, match=match)
+                return await self._analyse_once(data, spec)
             except _REPLICA_LOST as exc:
                 if attempt == 2:
                     raise ServiceUnavailable(
                         "a model replica was lost while answering; retry shortly",
-                        reason=type(exc).__name__,
+                        retry_after_s=self.retry_after_s, reason=type(exc).__name__,
                     ) from None
             except _OVERLOADED as exc:
                 raise ServiceUnavailable(
-                    "the service is at capacity; retry shortly", reason=type(exc).__name__
+                    "the service is at capacity; retry shortly",
+                    retry_after_s=self.retry_after_s, reason=type(exc).__name__,
                 ) from None
         raise AssertionError("unreachable")
 
-    async def _analyse_once(
-        self,
-        image: np.ndarray,
-        *,
-        embed: bool,
-        liveness: bool,
-        match: MatchSpec | None,
-    ) -> Analysis:
-        request = DetectRequest(image=image, liveness_crops=liveness, trace=carrier_from_current())
-        det_resp = self.detector.detect.remote(request)
-        emb_resp = self.embedder.embed.remote(det_resp) if (embed or match) else None
-        live_resp = self.liveness.check.remote(det_resp) if liveness else None
-        match_resp = (
-            self.matcher.search.remote(emb_resp, match.collection_id, match.k, match.min_seq)
-            if match is not None and emb_resp is not None
+    async def _analyse_once(self, data: bytes, spec: AnalyseSpec) -> Analysis:
+        request = DetectRequest(
+            data=data,
+            options=DetectOptions(liveness_crops=spec.liveness, enrol_crops=spec.enrol_crops),
+            trace=carrier_from_current(),
+        )
+        det = self.detector.detect.remote(request)
+        emb = self.embedder.embed.remote(det) if (spec.embed or spec.match) else None
+        live = self.liveness.check.remote(det) if spec.liveness else None
+        match = (
+            self.matcher.search.remote(emb, spec.match.collection_id, spec.match.k, spec.match.min_seq)
+            if spec.match is not None and emb is not None
             else None
         )
-        pending = [r for r in (det_resp, emb_resp, live_resp, match_resp) if r is not None]
+        pending: list[DeploymentResponse] = [r for r in (det, emb, live, match) if r is not None]
         try:
-            results = await asyncio.gather(*pending)
+            results = await asyncio.wait_for(asyncio.gather(*pending), self.timeout_s)
+        except asyncio.TimeoutError:
+            for r in pending:
+                r.cancel()
+            raise ServiceUnavailable(
+                f"no answer within {self.timeout_s:g} s; the service is overloaded, retry shortly",
+                retry_after_s=self.retry_after_s, reason="deadline",
+            ) from None
+        except RequestCancelledError:
+            raise ServiceUnavailable("the request was cancelled", retry_after_s=self.retry_after_s) from None
         except Exception as exc:
+            for r in pending:
+                r.cancel()
             # A bad input found downstream is still the caller's 4xx.
             inner = unwrap(exc)
             if inner is not exc:
                 raise inner from None
             raise
         it = iter(results)
-        detection = next(it)
         return Analysis(
-            detection=detection,
-            embeddings=next(it) if emb_resp is not None else None,
-            liveness=next(it) if live_resp is not None else None,
-            matches=next(it) if match_resp is not None else None,
+            detection=next(it),
+            embeddings=next(it) if emb is not None else None,
+            liveness=next(it) if live is not None else None,
+            matches=next(it) if match is not None else None,
         )
+
+    async def embedder_info(self) -> dict[str, Any]:
+        return await self.embedder.info.remote()
 
     async def ready(self) -> dict[str, bool]:
         names = ("detector", "embedder", "liveness", "matcher")

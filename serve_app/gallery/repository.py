@@ -144,12 +144,14 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asy
 
 
 class GalleryRepository:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, acquire_timeout_s: float = 3.0) -> None:
         self.pool = pool
+        # Past this a request gets 503 rather than waiting on a starved pool.
+        self.acquire_timeout_s = acquire_timeout_s
 
     # --- health / pool ------------------------------------------------------
     async def ping(self) -> None:
-        async with self.pool.acquire() as conn:
+        async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
             await conn.fetchval("SELECT 1")
 
     def pool_stats(self) -> tuple[int, int]:
@@ -159,7 +161,7 @@ class GalleryRepository:
 
     # --- collections --------------------------------------------------------
     async def ensure_collection(self, name: str, embedder: str, dim: int) -> Collection:
-        async with self.pool.acquire() as conn:
+        async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
             row = await conn.fetchrow(
                 """INSERT INTO collections (name, embedder, dim) VALUES ($1, $2, $3)
                    ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name
@@ -169,7 +171,7 @@ class GalleryRepository:
         return Collection(**dict(row))
 
     async def create_collection(self, name: str, embedder: str, dim: int) -> Collection:
-        async with self.pool.acquire() as conn:
+        async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
             try:
                 row = await conn.fetchrow(
                     "INSERT INTO collections (name, embedder, dim) VALUES ($1, $2, $3) "
@@ -181,14 +183,14 @@ class GalleryRepository:
         return Collection(**dict(row))
 
     async def get_collection(self, name: str) -> Collection | None:
-        async with self.pool.acquire() as conn:
+        async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
             row = await conn.fetchrow(
                 "SELECT id, name, embedder, dim FROM collections WHERE name = $1", name
             )
         return Collection(**dict(row)) if row else None
 
     async def list_collections(self) -> list[Collection]:
-        async with self.pool.acquire() as conn:
+        async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
             rows = await conn.fetch("SELECT id, name, embedder, dim FROM collections ORDER BY id")
         return [Collection(**dict(r)) for r in rows]
 
@@ -200,7 +202,7 @@ class GalleryRepository:
         self, collection: Collection, name: str, metadata: dict[str, Any] | None = None
     ) -> Subject:
         name = _clean_name(name)
-        async with self.pool.acquire() as conn:
+        async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
             try:
                 await conn.execute(
                     "INSERT INTO subjects (id, collection_id, name, metadata) VALUES ($1, $2, $3, $4)",
@@ -219,7 +221,7 @@ class GalleryRepository:
         return Subject(**dict(row))
 
     async def get_subject(self, collection: Collection, subject_id: uuid.UUID) -> Subject:
-        async with self.pool.acquire() as conn:
+        async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
             row = await conn.fetchrow(
                 f"SELECT {self._SUBJECT_COLS} FROM subjects s JOIN collections c ON c.id = s.collection_id "
                 "WHERE s.id = $1 AND s.collection_id = $2",
@@ -230,7 +232,7 @@ class GalleryRepository:
         return Subject(**dict(row))
 
     async def find_subject_by_name(self, collection: Collection, name: str) -> Subject | None:
-        async with self.pool.acquire() as conn:
+        async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
             row = await conn.fetchrow(
                 f"SELECT {self._SUBJECT_COLS} FROM subjects s JOIN collections c ON c.id = s.collection_id "
                 "WHERE s.collection_id = $1 AND s.name = $2",
@@ -242,7 +244,7 @@ class GalleryRepository:
         self, collection: Collection, *, limit: int, after: tuple[datetime, uuid.UUID] | None
     ) -> list[Subject]:
         """Keyset pagination on (created_at, id): stable under inserts/deletes."""
-        async with self.pool.acquire() as conn:
+        async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
             if after is None:
                 rows = await conn.fetch(
                     f"SELECT {self._SUBJECT_COLS} FROM subjects s JOIN collections c ON c.id = s.collection_id "
@@ -259,7 +261,7 @@ class GalleryRepository:
         return [Subject(**dict(r)) for r in rows]
 
     async def count_subjects(self, collection: Collection) -> int:
-        async with self.pool.acquire() as conn:
+        async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
             return await conn.fetchval(
                 "SELECT count(*) FROM subjects WHERE collection_id = $1", collection.id
             )
@@ -268,7 +270,7 @@ class GalleryRepository:
         self, collection: Collection, subject_id: uuid.UUID, name: str
     ) -> Subject:
         name = _clean_name(name)
-        async with self.pool.acquire() as conn:
+        async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
             try:
                 status = await conn.execute(
                     "UPDATE subjects SET name = $1, updated_at = now() WHERE id = $2 AND collection_id = $3",
@@ -281,7 +283,7 @@ class GalleryRepository:
         return await self.get_subject(collection, subject_id)
 
     async def delete_subject(self, collection: Collection, subject_id: uuid.UUID) -> RemovedFaces:
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn, conn.transaction():
             await _lock_subject_for_change(conn, collection, subject_id)
             faces = await conn.fetch(
                 "DELETE FROM faces WHERE subject_id = $1 RETURNING id, crop_key", subject_id
@@ -312,7 +314,7 @@ class GalleryRepository:
                 f"embedding from {model} ({embedding.shape[0]}-d) does not fit collection "
                 f"{collection.name!r} ({collection.embedder}, {collection.dim}-d)"
             )
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn, conn.transaction():
             await _lock_subject_for_change(conn, collection, subject_id)
             row = await conn.fetchrow(
                 """INSERT INTO faces (subject_id, collection_id, embedding, model, dim,
@@ -332,7 +334,7 @@ class GalleryRepository:
 
     async def list_faces(self, collection: Collection, subject_id: uuid.UUID) -> list[FaceRecord]:
         await self.get_subject(collection, subject_id)
-        async with self.pool.acquire() as conn:
+        async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
             rows = await conn.fetch(
                 "SELECT id, subject_id, model, image_sha256, crop_key, box, det_score, created_at "
                 "FROM faces WHERE subject_id = $1 ORDER BY id",
@@ -345,7 +347,7 @@ class GalleryRepository:
     ) -> tuple[list[str], np.ndarray]:
         """(models, embeddings) of a subject's faces, for 1:1 verify against a subject."""
         await self.get_subject(collection, subject_id)
-        async with self.pool.acquire() as conn:
+        async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
             rows = await conn.fetch(
                 "SELECT model, embedding FROM faces WHERE subject_id = $1 ORDER BY id", subject_id
             )
@@ -356,7 +358,7 @@ class GalleryRepository:
     async def delete_face(
         self, collection: Collection, subject_id: uuid.UUID, face_id: int
     ) -> RemovedFaces:
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn, conn.transaction():
             await _lock_changelog(conn)
             row = await conn.fetchrow(
                 "DELETE FROM faces WHERE id = $1 AND subject_id = $2 AND collection_id = $3 "
@@ -389,7 +391,7 @@ class GalleryRepository:
     async def subject_names(self, subject_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
         if not subject_ids:
             return {}
-        async with self.pool.acquire() as conn:
+        async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
             rows = await conn.fetch(
                 "SELECT id, name FROM subjects WHERE id = ANY($1::uuid[])", subject_ids
             )
@@ -401,7 +403,7 @@ class GalleryRepository:
 
         Read in one REPEATABLE READ snapshot so the seq and rows agree.
         """
-        async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn, conn.transaction(isolation="repeatable_read", readonly=True):
             seq = await conn.fetchval("SELECT coalesce(max(seq), 0) FROM changes")
             rows = await conn.fetch(
                 "SELECT id, collection_id, subject_id, embedding FROM faces ORDER BY id"
@@ -415,7 +417,7 @@ class GalleryRepository:
         """One collection's faces plus the log position they reflect (one
         REPEATABLE READ snapshot), for a replica that has no usable index
         snapshot of just this collection."""
-        async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn, conn.transaction(isolation="repeatable_read", readonly=True):
             seq = await conn.fetchval("SELECT coalesce(max(seq), 0) FROM changes")
             rows = await conn.fetch(
                 "SELECT id, subject_id, embedding FROM faces WHERE collection_id = $1 ORDER BY id",
@@ -432,7 +434,7 @@ class GalleryRepository:
         belong to this database's log."""
         if not seqs:
             return {}
-        async with self.pool.acquire() as conn:
+        async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
             rows = await conn.fetch(
                 "SELECT seq, collection_id, op, face_id, subject_id FROM changes "
                 "WHERE seq = ANY($1::bigint[])",
@@ -448,7 +450,7 @@ class GalleryRepository:
         Writers serialise on _CHANGELOG_LOCK, so seq order is commit order and
         a reader never skips a seq that commits later.
         """
-        async with self.pool.acquire() as conn:
+        async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
             rows = await conn.fetch(
                 """SELECT c.seq, c.collection_id, c.op, c.face_id, c.subject_id, f.embedding
                    FROM changes c LEFT JOIN faces f ON f.id = c.face_id AND c.op = 'add'
@@ -464,7 +466,7 @@ class GalleryRepository:
         ]
 
     async def latest_seq(self) -> int:
-        async with self.pool.acquire() as conn:
+        async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
             return await conn.fetchval("SELECT coalesce(max(seq), 0) FROM changes")
 
 

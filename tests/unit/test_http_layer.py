@@ -1,8 +1,10 @@
-"""The HTTP edge without Ray: request parsing, error mapping, config generation."""
+"""The HTTP edge without Ray: body parsing, error mapping, the app factory
+over fake services, and config generation."""
 from __future__ import annotations
 
 import base64
 import inspect
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -10,10 +12,16 @@ import yaml
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
-from models import errors
-from serve_app import http_errors
+from serve_app import errors
+from serve_app.api import errors as http_errors
+from serve_app.api.body import as_bool, as_int, parse_request
+from serve_app.api.deps import Edge, _authenticate
 from serve_app.cluster import ClusterPorts, deploy_config
-from serve_app.request_images import as_bool, as_int, parse_request
+from serve_app.deployment_config import IngressConfig
+from serve_app.pipeline_client import unwrap
+from serve_app.services.gallery import GalleryService
+from serve_app.services.recognition import RecognitionService
+from tests.unit.fakes import DIM, CountingOutcomes, FakeObjects, FakePipeline, FakeRepo
 
 LIMIT = 1000
 
@@ -55,6 +63,9 @@ def test_multipart_json_and_raw_bodies(http: TestClient) -> None:
         ({"json": {"image": "not base64!!"}}, 400, "invalid_request"),
         ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "invalid_request"),
         ({"json": [1, 2]}, 400, "invalid_request"),
+        ({"content": b"x" * (LIMIT + 1), "headers": {"content-type": "image/jpeg"}}, 413, "image_too_large"),
+        ({"content": b"[" * 50_000, "headers": {"content-type": "application/json"}}, 400, "invalid_request"),
+        ({"files": [("a", ("a.jpg", b"x")), ("b", ("b.jpg", b"x")), ("c", ("c.jpg", b"x"))]}, 400, "invalid_request"),
         ({"content": b"abc", "headers": {"content-type": "text/plain"}}, 415, "unsupported_media_type"),
     ],
 )
@@ -65,16 +76,18 @@ def test_bad_bodies_are_4xx_with_a_reason(http: TestClient, kwargs: dict, status
     assert r.json()["error"]["message"]
 
 
-def test_every_domain_error_has_an_explicit_status() -> None:
-    classes = [
-        c for _, c in inspect.getmembers(errors, inspect.isclass)
-        if issubclass(c, errors.FaceServeError) and c is not errors.FaceServeError
-    ]
+def test_every_caller_error_is_a_4xx_and_every_fault_a_5xx() -> None:
+    classes = [c for _, c in inspect.getmembers(errors, inspect.isclass)
+               if issubclass(c, errors.ServiceError) and c is not errors.ServiceError]
     assert classes
     for cls in classes:
         status = http_errors.status_for(cls("x"))
-        assert status != 500, f"{cls.__name__} would be a 500"
-        assert cls.code != errors.FaceServeError.code, f"{cls.__name__} needs its own code"
+        if issubclass(cls, errors.CallerError):
+            assert 400 <= status < 500, f"{cls.__name__} -> {status}"
+        else:
+            assert status >= 500, f"{cls.__name__} -> {status}"
+    for name in ("InvalidRequest", "ImageUnreadable", "NoFaceFound", "SubjectNotFound", "RateLimited"):
+        assert getattr(errors, name).code != errors.ServiceError.code
 
 
 def test_unwrap_finds_the_domain_error_in_a_chain() -> None:
@@ -85,9 +98,9 @@ def test_unwrap_finds_the_domain_error_in_a_chain() -> None:
         except errors.NoFaceFound as exc:
             raise RuntimeError("wrapped") from exc
     except RuntimeError as outer:
-        assert http_errors.unwrap(outer) is inner
+        assert unwrap(outer) is inner
     plain = ValueError("x")
-    assert http_errors.unwrap(plain) is plain
+    assert unwrap(plain) is plain
 
 
 def test_field_coercion() -> None:
@@ -154,7 +167,7 @@ def test_cursor_round_trip_and_garbage() -> None:
     import uuid
     from datetime import datetime, timezone
 
-    from serve_app.deployments.ingress import _decode_cursor, _encode_cursor
+    from serve_app.api.routers.gallery import _decode_cursor, _encode_cursor
 
     ts, sid = datetime.now(timezone.utc), uuid.uuid4()
     assert _decode_cursor(_encode_cursor(ts, sid)) == (ts, sid)
@@ -163,25 +176,15 @@ def test_cursor_round_trip_and_garbage() -> None:
 
 
 def test_api_key_is_checked_in_constant_time_and_both_header_forms_work() -> None:
-    from types import SimpleNamespace
-
-    from serve_app.deployments.ingress import Ingress
-
-    # The unbound method on a stand-in self: constructing the real class needs Ray.
-    check = Ingress.func_or_class._check_auth
-    ingress = SimpleNamespace(_api_key=b"s3cret")
-    ingress._check_auth = lambda request: check(ingress, request)  # type: ignore[attr-defined]
-
     def req(**headers: str) -> Any:
-        return SimpleNamespace(headers={k.replace("_", "-"): v for k, v in headers.items()})
+        return SimpleNamespace(headers={k.replace("_", "-"): v for k, v in headers.items()},
+                               client=SimpleNamespace(host="10.1.2.3"))
 
-    caller = ingress._check_auth(req(x_api_key="s3cret"))
+    caller = _authenticate(req(x_api_key="s3cret"), b"s3cret")
     assert caller.startswith("key:") and "s3cret" not in caller  # quota key, not the secret
-    assert ingress._check_auth(req(authorization="Bearer s3cret")) == caller
+    assert _authenticate(req(authorization="Bearer s3cret"), b"s3cret") == caller
     for bad in (req(), req(x_api_key="wrong"), req(authorization="Basic s3cret")):
         with pytest.raises(errors.Unauthorized):
-            ingress._check_auth(bad)
-    ingress._api_key = None  # no key configured: open, and the quota counts per IP
-    open_req = req()
-    open_req.client = SimpleNamespace(host="10.1.2.3")
-    assert ingress._check_auth(open_req) == "ip:10.1.2.3"
+            _authenticate(bad, b"s3cret")
+    # no key configured: open, and the quota counts per IP
+    assert _authenticate(req(), None) == "ip:10.1.2.3"

@@ -3,6 +3,11 @@
 Clients send images the way their stack makes easy: a multipart upload
 (curl -F image=@a.jpg), a JSON body with base64 strings (optionally as
 data: URLs), or the raw bytes with an image/* content type.
+
+The body is read as a stream with a hard byte cap whatever the framing
+(content-length, chunked): nothing larger than the cap is ever held. Only
+the header of an image is looked at here (its format, from magic bytes);
+decoding is the detector's job.
 """
 from __future__ import annotations
 
@@ -15,7 +20,12 @@ from typing import Any
 from fastapi import Request
 from starlette.datastructures import UploadFile
 
-from models.errors import ImageTooLarge, InvalidRequest, UnsupportedImageType
+from models.images import SUPPORTED_FORMATS, sniff_format
+from serve_app.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+
+# Multipart: at most this many files and fields; image routes take two files at most.
+MAX_FILES = 2
+MAX_FIELDS = 16
 
 
 @dataclass
@@ -26,21 +36,45 @@ class ParsedRequest:
     def image(self, *names: str) -> bytes:
         for name in names:
             if name in self.images:
-                return self.images[name]
+                data = self.images[name]
+                check_image_header(name, data)
+                return data
         raise InvalidRequest(f"missing image field {names[0]!r}", expected=list(names))
+
+    def has_image(self, name: str) -> bool:
+        return name in self.images
 
     def get(self, name: str, default: Any = None) -> Any:
         return self.fields.get(name, default)
 
 
-async def parse_request(request: Request, *, max_bytes: int) -> ParsedRequest:
+async def read_capped(request: Request, cap: int) -> bytes:
+    """The whole body, refusing (413) as soon as it passes ``cap`` bytes."""
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > max_bytes * 2 + 65536:
-        raise ImageTooLarge(f"request body of {declared} bytes is over the limit", limit=max_bytes)
+    if declared and declared.isdigit() and int(declared) > cap:
+        raise PayloadTooLarge(f"request body of {declared} bytes is over the limit of {cap}", limit=cap)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > cap:
+            raise PayloadTooLarge(f"request body is over the limit of {cap} bytes", limit=cap)
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    request._body = body  # Starlette re-reads a cached body (form parsing)
+    return body
+
+
+async def parse_request(request: Request, *, max_bytes: int) -> ParsedRequest:
+    # Room for two images (verify) plus base64/multipart framing.
+    cap = max_bytes * 2 * 4 // 3 + 65536
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     out = ParsedRequest(fields=dict(request.query_params))
     if ctype == "multipart/form-data":
-        form = await request.form(max_part_size=max_bytes + 1)
+        await read_capped(request, cap)
+        try:
+            form = await request.form(max_files=MAX_FILES, max_fields=MAX_FIELDS, max_part_size=max_bytes + 1)
+        except Exception as exc:  # Starlette's MultiPartException and friends: malformed or too many parts
+            raise InvalidRequest(f"multipart body could not be parsed: {exc}") from None
         for key, value in form.multi_items():
             if isinstance(value, UploadFile):
                 data = await value.read()
@@ -49,11 +83,11 @@ async def parse_request(request: Request, *, max_bytes: int) -> ParsedRequest:
             else:
                 out.fields.setdefault(key, value)
         return out
-    if ctype == "application/json":
-        body = await request.body()
+    if ctype == "application/json" or ctype.endswith("+json"):
+        body = await read_capped(request, cap)
         try:
             payload = json.loads(body or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise InvalidRequest("body is not valid JSON") from None
         if not isinstance(payload, dict):
             raise InvalidRequest("JSON body must be an object")
@@ -64,28 +98,43 @@ async def parse_request(request: Request, *, max_bytes: int) -> ParsedRequest:
                 out.fields.setdefault(key, value)
         return out
     if ctype.startswith("image/") or ctype == "application/octet-stream":
-        data = await request.body()
-        _check_size("image", data, max_bytes)
+        data = await read_capped(request, max_bytes)
         out.images["image"] = data
         return out
     if not ctype:
+        if await read_capped(request, cap):
+            raise UnsupportedMediaType("a request body needs a content type")
         return out  # no body: callers needing an image report the missing field
-    raise UnsupportedImageType(
+    raise UnsupportedMediaType(
         f"content type {ctype!r} is not accepted; send multipart/form-data, application/json "
         "with base64 images, or raw image/* bytes"
     )
 
 
+def check_image_header(name: str, data: bytes) -> str:
+    """The image's format from its first bytes, or 415: no decoding here."""
+    if not data:
+        raise InvalidRequest(f"{name} is empty", field=name)
+    fmt = sniff_format(data)
+    if fmt is None or fmt not in SUPPORTED_FORMATS:
+        what = f"{fmt} images are" if fmt else "this is not an image that is"
+        raise UnsupportedMediaType(
+            f"{name}: {what} not supported; send JPEG, PNG, WebP, BMP, TIFF, GIF or PGM/PPM",
+            field=name, format=fmt,
+        )
+    return fmt
+
+
 def _check_size(name: str, data: bytes, max_bytes: int) -> None:
     if len(data) > max_bytes:
-        raise ImageTooLarge(f"{name} is {len(data)} bytes; the limit is {max_bytes}", limit=max_bytes)
+        raise PayloadTooLarge(f"{name} is {len(data)} bytes; the limit is {max_bytes}", limit=max_bytes)
 
 
 def _b64(name: str, value: str, max_bytes: int) -> bytes:
     if value.startswith("data:"):
         value = value.split(",", 1)[-1]
     if len(value) > (max_bytes * 4) // 3 + 8:
-        raise ImageTooLarge(f"{name} is over the {max_bytes}-byte limit", limit=max_bytes)
+        raise PayloadTooLarge(f"{name} is over the {max_bytes}-byte limit", limit=max_bytes)
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):

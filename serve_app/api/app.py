@@ -1,0 +1,103 @@
+"""The app factory: one FastAPI app per ingress replica, built around an Edge.
+
+serve.ingress() calls Ingress.__serve_build_asgi_app__ at replica start,
+which calls create_app(edge); unit tests call it with fakes inside the Edge.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import Response
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from serve_app.api import errors
+from serve_app.api.deps import Edge
+from serve_app.api.routers import gallery, health, recognition
+from serve_app.api.schemas import REQUEST_BODY_MODELS, ErrorResponse
+from serve_app.metrics import ServiceMetrics
+from serve_app.telemetry import access_logger, current_trace_id, mark_error, span_from
+
+API_DESCRIPTION = """Self-hosted face recognition: detect, liveness, enrol, verify (1:1), identify (1:N).
+
+Images go as multipart uploads (`image`, or `image1`/`image2` for verify), as JSON with
+base64 strings under the same names, or as raw `image/*` bytes. Every answer carries
+per-stage `timings_ms`; every error `{"error": {"code", "message", "trace_id"}}` with a
+status that says what was wrong (4xx: the request; 503 + Retry-After: try again later)."""
+
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 415, 422, 429, 503)
+}
+
+
+def create_app(edge: Edge, metrics: ServiceMetrics | None = None, *, version: str = "0.1.0") -> FastAPI:
+    app = FastAPI(title="faceserve", version=version, description=API_DESCRIPTION)
+    app.state.edge = edge
+    errors.install(app)
+    for r in (health.router, recognition.router, gallery.router):
+        app.include_router(r, responses=_ERROR_RESPONSES if r is not health.router else None)
+    _install_observe(app, metrics)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    if app.openapi_schema is None:
+        doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+        for model in REQUEST_BODY_MODELS:
+            schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(schema.pop("$defs", {}))
+            schemas[model.__name__] = schema
+        app.openapi_schema = doc
+    return app.openapi_schema
+
+
+def _serve_request_id() -> str | None:
+    try:
+        from ray.serve.context import _get_serve_request_context
+
+        return _get_serve_request_context().request_id or None
+    except Exception:  # outside a replica (unit tests) there is no context
+        return None
+
+
+def _install_observe(app: FastAPI, metrics: ServiceMetrics | None) -> None:
+    @app.middleware("http")
+    async def observe(request: Request, call_next: Any) -> Response:
+        """Root span, trace id header, access log, status counter, and the last
+        word on failures nothing else handled (500/503 in the envelope)."""
+        request_id = request.headers.get("x-request-id") or _serve_request_id() or uuid.uuid4().hex
+        t0 = time.perf_counter()
+        with span_from(request.headers, f"{request.method} {request.url.path}", kind=SpanKind.SERVER,
+                       attributes={"http.method": request.method, "http.target": request.url.path,
+                                   "faceserve.request_id": request_id}) as sp:
+            trace_id = current_trace_id()
+            try:
+                response = await call_next(request)
+            except Exception as exc:
+                mark_error(sp, exc)
+                response = errors.unexpected_response(exc)
+            route = getattr(request.scope.get("route"), "path", "unmatched")
+            sp.update_name(f"{request.method} {route}")
+            sp.set_attribute("http.route", route)
+            sp.set_attribute("http.status_code", response.status_code)
+            if response.status_code >= 500:
+                sp.set_status(Status(StatusCode.ERROR))
+        if metrics is not None:
+            metrics.http_responses.inc(tags={"code": str(response.status_code), "route": route})
+        if trace_id:
+            response.headers["x-trace-id"] = trace_id
+        # Every answer says how long it took (image answers also list stages in timings_ms).
+        response.headers["server-timing"] = f"total;dur={(time.perf_counter() - t0) * 1000.0:.1f}"
+        if route not in ("/healthz", "/readyz"):
+            access_logger().info(
+                "%s %s %s", request.method, route, response.status_code,
+                extra={"request_id": request_id, "trace_id": trace_id, "route": route,
+                       "method": request.method, "status": response.status_code,
+                       "duration_ms": round((time.perf_counter() - t0) * 1000.0, 2)},
+            )
+        return response

@@ -1,0 +1,125 @@
+"""Collections, subjects and their faces."""
+from __future__ import annotations
+
+import base64
+import uuid
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query
+
+from serve_app.api.body import as_bool
+from serve_app.api.deps import Caller, CollectionDep, EdgeDep, ImageReq
+from serve_app.api.openapi_bodies import IMAGE_BODY
+from serve_app.api.schemas import (
+    CollectionIn,
+    CollectionList,
+    CollectionOut,
+    EnrolResponse,
+    FaceDeleted,
+    FaceList,
+    FaceRecordOut,
+    SubjectDeleted,
+    SubjectIn,
+    SubjectList,
+    SubjectOut,
+    SubjectPatch,
+    liveness_out,
+)
+from serve_app.errors import InvalidRequest
+from serve_app.gallery.repository import parse_subject_id
+
+router = APIRouter(prefix="/v1", tags=["gallery"])
+
+FaceId = Annotated[int, Path(ge=1, le=2**63 - 1)]
+
+
+def _encode_cursor(created_at: datetime, sid: uuid.UUID) -> str:
+    return base64.urlsafe_b64encode(f"{created_at.isoformat()}|{sid}".encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor.encode()).decode()
+        ts, sid = raw.split("|", 1)
+        return datetime.fromisoformat(ts), uuid.UUID(sid)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequest("cursor is not one this service issued") from None
+
+
+@router.get("/collections", response_model=CollectionList)
+async def list_collections(edge: EdgeDep, _: Caller) -> CollectionList:
+    cols = await edge.gallery.list_collections()
+    return CollectionList(collections=[CollectionOut(name=c.name, embedder=c.embedder, dim=c.dim) for c in cols])
+
+
+@router.post("/collections", response_model=CollectionOut, status_code=201)
+async def create_collection(body: CollectionIn, edge: EdgeDep, _: Caller) -> CollectionOut:
+    if not body.name.strip():
+        raise InvalidRequest("collection name must not be blank")
+    col = await edge.gallery.create_collection(body.name.strip())
+    return CollectionOut(name=col.name, embedder=col.embedder, dim=col.dim)
+
+
+@router.post("/subjects", response_model=SubjectOut, status_code=201)
+async def create_subject(body: SubjectIn, edge: EdgeDep, _: Caller,
+                         collection: Annotated[str | None, Query(max_length=128)] = None) -> SubjectOut:
+    col = await edge.gallery.collection(body.collection or collection)
+    subject = await edge.gallery.create_subject(col, body.name, body.metadata)
+    return SubjectOut(**subject.to_dict())
+
+
+@router.get("/subjects", response_model=SubjectList)
+async def list_subjects(edge: EdgeDep, col: CollectionDep,
+                        name: Annotated[str | None, Query(max_length=256)] = None,
+                        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+                        cursor: Annotated[str | None, Query(max_length=512)] = None) -> SubjectList:
+    after = _decode_cursor(cursor) if cursor else None
+    page = await edge.gallery.subjects(col, name=name, limit=limit, after=after)
+    return SubjectList(subjects=[SubjectOut(**s.to_dict()) for s in page.subjects],
+                       next_cursor=_encode_cursor(*page.next_after) if page.next_after else None,
+                       total=page.total)
+
+
+@router.get("/subjects/{subject_id}", response_model=SubjectOut)
+async def get_subject(subject_id: str, edge: EdgeDep, col: CollectionDep) -> SubjectOut:
+    return SubjectOut(**(await edge.gallery.get_subject(col, parse_subject_id(subject_id))).to_dict())
+
+
+@router.patch("/subjects/{subject_id}", response_model=SubjectOut)
+async def rename_subject(subject_id: str, body: SubjectPatch, edge: EdgeDep, col: CollectionDep) -> SubjectOut:
+    subject = await edge.gallery.rename_subject(col, parse_subject_id(subject_id), body.name)
+    return SubjectOut(**subject.to_dict())
+
+
+@router.delete("/subjects/{subject_id}", response_model=SubjectDeleted)
+async def delete_subject(subject_id: str, edge: EdgeDep, col: CollectionDep) -> SubjectDeleted:
+    removed = await edge.gallery.delete_subject(col, parse_subject_id(subject_id))
+    return SubjectDeleted(deleted=subject_id, faces_removed=removed.faces_removed, seq=removed.seq,
+                          crops_pending_cleanup=removed.crops_pending_cleanup)
+
+
+@router.post("/subjects/{subject_id}/faces", response_model=EnrolResponse, response_model_exclude_none=True,
+             status_code=201, openapi_extra=IMAGE_BODY)
+async def enrol_face(subject_id: str, req: ImageReq, edge: EdgeDep) -> EnrolResponse:
+    body = req.body
+    col = await edge.gallery.collection(body.get("collection"))
+    sid = parse_subject_id(subject_id)
+    data = body.image("image", "file")
+    result = await edge.gallery.enrol(col, sid, data, req.timer, largest=as_bool(body.get("largest"), "largest"),
+                                      policy=edge.policy(body.get("liveness"), enrol=True))
+    face = FaceRecordOut(**result.face.to_dict(), liveness=liveness_out(result.analysis.liveness, result.index))
+    return EnrolResponse(face=face, seq=result.seq, faces_in_image=len(result.analysis.detection),
+                         timings_ms=req.timer.total())
+
+
+@router.get("/subjects/{subject_id}/faces", response_model=FaceList)
+async def list_faces(subject_id: str, edge: EdgeDep, col: CollectionDep) -> FaceList:
+    faces = await edge.gallery.list_faces(col, parse_subject_id(subject_id))
+    return FaceList(faces=[FaceRecordOut(**f.to_dict()) for f in faces])
+
+
+@router.delete("/subjects/{subject_id}/faces/{face_id}", response_model=FaceDeleted)
+async def delete_face(subject_id: str, face_id: FaceId, edge: EdgeDep, col: CollectionDep) -> FaceDeleted:
+    seq = await edge.gallery.delete_face(col, parse_subject_id(subject_id), face_id)
+    return FaceDeleted(deleted=face_id, seq=seq)

@@ -1,0 +1,101 @@
+"""detect, liveness, verify (1:1), identify (1:N)."""
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from serve_app.api.body import as_int
+from serve_app.api.deps import EdgeDep, ImageReq
+from serve_app.api.schemas import (
+    CandidateOut,
+    DetectResponse,
+    IdentifiedFaceOut,
+    IdentifyResponse,
+    ImageSize,
+    LivenessFaceOut,
+    LivenessResponse,
+    MatchedSubject,
+    VerifyFaces,
+    VerifyResponse,
+    VerifySubjectOut,
+    box_out,
+    face_out,
+    liveness_out,
+)
+from serve_app.api.openapi_bodies import IMAGE_BODY, VERIFY_BODY
+from serve_app.gallery.repository import parse_subject_id
+
+router = APIRouter(prefix="/v1", tags=["recognition"])
+
+
+@router.post("/detect", response_model=DetectResponse, openapi_extra=IMAGE_BODY, tags=["faces"])
+async def detect(req: ImageReq, edge: EdgeDep) -> DetectResponse:
+    body = req.body
+    analysis = await edge.recognition.detect(body.image("image", "file"), req.timer,
+                                             edge.policy(body.get("liveness")))
+    det = analysis.detection
+    return DetectResponse(
+        faces=[face_out(f, analysis.liveness, i) for i, f in enumerate(det.faces)],
+        image=ImageSize(width=det.image_size[0], height=det.image_size[1]),
+        timings_ms=req.timer.total(),
+    )
+
+
+@router.post("/liveness", response_model=LivenessResponse, openapi_extra=IMAGE_BODY, tags=["faces"])
+async def liveness(req: ImageReq, edge: EdgeDep) -> LivenessResponse:
+    analysis = await edge.recognition.liveness(req.body.image("image", "file"), req.timer)
+    faces = []
+    for i, f in enumerate(analysis.detection.faces):
+        live = liveness_out(analysis.liveness, i)
+        assert live is not None
+        faces.append(LivenessFaceOut(box=box_out(f.box), detection_score=round(f.score, 4),
+                                     live=live.live, score=live.score, threshold=live.threshold))
+    return LivenessResponse(faces=faces, timings_ms=req.timer.total())
+
+
+@router.post("/verify", response_model=VerifyResponse, response_model_exclude_none=True, openapi_extra=VERIFY_BODY)
+async def verify(req: ImageReq, edge: EdgeDep) -> VerifyResponse:
+    body, cfg = req.body, edge.config()
+    policy = edge.policy(body.get("liveness"))
+    subject_id = body.get("subject_id")
+    if subject_id:
+        col = await edge.gallery.collection(body.get("collection"))
+        v = await edge.recognition.verify_subject(body.image("image", "image1"), col, parse_subject_id(subject_id),
+                                                  req.timer, policy, cfg.verify_threshold)
+        assert v.subject is not None
+        extra = {"face": face_out(v.first.detection.faces[v.first_face], v.first.liveness, v.first_face),
+                 "subject": VerifySubjectOut(id=str(v.subject.id), name=v.subject.name,
+                                             faces_compared=v.faces_compared)}
+    else:
+        v = await edge.recognition.verify_pair(body.image("image1"), body.image("image2"), req.timer, policy,
+                                               cfg.verify_threshold)
+        assert v.second is not None and v.second_face is not None
+        extra = {"faces": VerifyFaces(
+            image1=face_out(v.first.detection.faces[v.first_face], v.first.liveness, v.first_face),
+            image2=face_out(v.second.detection.faces[v.second_face], v.second.liveness, v.second_face))}
+    return VerifyResponse(similarity=round(v.similarity, 4), threshold=v.threshold, match=v.match, model=v.model,
+                          timings_ms=req.timer.total(), **extra)
+
+
+@router.post("/identify", response_model=IdentifyResponse, openapi_extra=IMAGE_BODY)
+async def identify(req: ImageReq, edge: EdgeDep) -> IdentifyResponse:
+    body, cfg = req.body, edge.config()
+    col = await edge.gallery.collection(body.get("collection"))
+    k = as_int(body.get("top_k"), "top_k", default=cfg.top_k, lo=1, hi=100)
+    min_seq = as_int(body.get("min_seq"), "min_seq", default=0, lo=0, hi=2**62)
+    result = await edge.recognition.identify(
+        body.image("image", "file"), col, req.timer, k=k, min_seq=max(min_seq, edge.gallery.last_seq),
+        policy=edge.policy(body.get("liveness")), threshold=cfg.identify_threshold)
+    a = result.analysis
+    faces = []
+    for f in result.faces:
+        base = face_out(a.detection.faces[f.index], a.liveness, f.index)
+        faces.append(IdentifiedFaceOut(
+            **base.model_dump(),
+            decision=f.decision,  # type: ignore[arg-type]
+            subject=MatchedSubject(id=f.subject.subject_id, name=f.subject.name,
+                                   similarity=round(f.subject.similarity, 4)) if f.subject else None,
+            candidates=[CandidateOut(subject_id=c.subject_id, name=c.name, similarity=round(c.similarity, 4))
+                        for c in f.candidates],
+        ))
+    return IdentifyResponse(faces=faces, collection=result.collection, threshold=result.threshold,
+                            seq=result.seq, timings_ms=req.timer.total())

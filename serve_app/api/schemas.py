@@ -1,0 +1,277 @@
+"""Pydantic request and response models: /openapi.json is the contract.
+
+Rounding happens here and only here: the services hand over full-precision
+values, the edge shows 1 decimal for pixels and 4 for scores.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from serve_app.messages import FaceInfo, LivenessResult
+
+LivenessParam = Literal["off", "flag", "block"]
+
+
+# --- errors -------------------------------------------------------------------------
+class ErrorDetail(BaseModel):
+    code: str = Field(description="stable machine-readable reason")
+    message: str
+    details: dict[str, Any] | None = None
+    trace_id: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+# --- faces ----------------------------------------------------------------------------
+class BoxOut(BaseModel):
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+
+
+class LivenessOut(BaseModel):
+    live: bool
+    score: float
+    threshold: float
+
+
+class FaceOut(BaseModel):
+    box: BoxOut
+    landmarks: list[list[float]] = Field(description="5 points: eyes, nose tip, mouth corners")
+    score: float
+    liveness: LivenessOut | None = None
+
+
+def box_out(box: tuple[float, float, float, float]) -> BoxOut:
+    return BoxOut(x1=round(box[0], 1), y1=round(box[1], 1), x2=round(box[2], 1), y2=round(box[3], 1))
+
+
+def liveness_out(result: LivenessResult | None, i: int) -> LivenessOut | None:
+    if result is None:
+        return None
+    score = float(result.scores[i])
+    return LivenessOut(live=score >= result.threshold, score=round(score, 4), threshold=result.threshold)
+
+
+def face_out(face: FaceInfo, liveness: LivenessResult | None = None, i: int = 0) -> FaceOut:
+    return FaceOut(
+        box=box_out(face.box),
+        landmarks=[[round(float(x), 1), round(float(y), 1)] for x, y in face.landmarks],
+        score=round(float(face.score), 4),
+        liveness=liveness_out(liveness, i),
+    )
+
+
+class ImageSize(BaseModel):
+    width: int
+    height: int
+
+
+Timings = dict[str, float]
+
+
+class DetectResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"description": "faces largest first"})
+    faces: list[FaceOut]
+    image: ImageSize
+    timings_ms: Timings
+
+
+class LivenessFaceOut(BaseModel):
+    box: BoxOut
+    detection_score: float
+    live: bool
+    score: float
+    threshold: float
+
+
+class LivenessResponse(BaseModel):
+    faces: list[LivenessFaceOut]
+    timings_ms: Timings
+
+
+class VerifySubjectOut(BaseModel):
+    id: str
+    name: str
+    faces_compared: int
+
+
+class VerifyFaces(BaseModel):
+    image1: FaceOut
+    image2: FaceOut
+
+
+class VerifyResponse(BaseModel):
+    similarity: float
+    threshold: float
+    match: bool
+    model: str
+    faces: VerifyFaces | None = None
+    face: FaceOut | None = None
+    subject: VerifySubjectOut | None = None
+    timings_ms: Timings
+
+
+class CandidateOut(BaseModel):
+    subject_id: str
+    name: str | None
+    similarity: float
+
+
+class MatchedSubject(BaseModel):
+    id: str
+    name: str | None
+    similarity: float
+
+
+class IdentifiedFaceOut(FaceOut):
+    decision: Literal["match", "unknown"]
+    subject: MatchedSubject | None
+    candidates: list[CandidateOut]
+
+
+class IdentifyResponse(BaseModel):
+    faces: list[IdentifiedFaceOut]
+    collection: str
+    threshold: float
+    seq: int
+    timings_ms: Timings
+
+
+# --- image request bodies (documented; parsed by api/body.py) ---------------------------
+class ImageForm(BaseModel):
+    """multipart/form-data: the image file plus optional fields."""
+
+    image: bytes = Field(json_schema_extra={"format": "binary"})
+    liveness: LivenessParam | None = None
+    collection: str | None = None
+    top_k: int | None = Field(None, ge=1, le=100)
+    min_seq: int | None = Field(None, ge=0)
+    largest: bool | None = None
+
+
+class ImageJSON(BaseModel):
+    """application/json: the image as base64 (or a data: URL)."""
+
+    image: str = Field(json_schema_extra={"format": "byte"})
+    liveness: LivenessParam | None = None
+    collection: str | None = None
+    top_k: int | None = Field(None, ge=1, le=100)
+    min_seq: int | None = Field(None, ge=0)
+    largest: bool | None = None
+
+
+class VerifyForm(BaseModel):
+    """multipart/form-data: two images, or one image and subject_id."""
+
+    image1: bytes = Field(json_schema_extra={"format": "binary"})
+    image2: bytes | None = Field(None, json_schema_extra={"format": "binary"})
+    subject_id: str | None = None
+    collection: str | None = None
+    liveness: LivenessParam | None = None
+
+
+class VerifyJSON(BaseModel):
+    """application/json: base64 images, or one image and subject_id."""
+
+    image1: str = Field(json_schema_extra={"format": "byte"})
+    image2: str | None = Field(None, json_schema_extra={"format": "byte"})
+    subject_id: str | None = None
+    collection: str | None = None
+    liveness: LivenessParam | None = None
+
+
+# --- gallery ---------------------------------------------------------------------------------
+class CollectionIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=128)
+
+
+class CollectionOut(BaseModel):
+    name: str
+    embedder: str
+    dim: int
+
+
+class CollectionList(BaseModel):
+    collections: list[CollectionOut]
+
+
+class SubjectIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=256)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    collection: str | None = None
+
+
+class SubjectPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=256)
+
+
+class SubjectOut(BaseModel):
+    id: str
+    collection: str
+    name: str
+    metadata: dict[str, Any]
+    face_count: int
+    created_at: str
+    updated_at: str
+
+
+class SubjectList(BaseModel):
+    subjects: list[SubjectOut]
+    next_cursor: str | None
+    total: int
+
+
+class SubjectDeleted(BaseModel):
+    deleted: str
+    faces_removed: int
+    seq: int
+    crops_pending_cleanup: int
+
+
+class FaceRecordOut(BaseModel):
+    id: int
+    subject_id: str
+    model: str
+    image_sha256: str
+    box: dict[str, float]
+    det_score: float
+    created_at: str
+    liveness: LivenessOut | None = None
+
+
+class EnrolResponse(BaseModel):
+    face: FaceRecordOut
+    seq: int
+    faces_in_image: int
+    timings_ms: Timings
+
+
+class FaceList(BaseModel):
+    faces: list[FaceRecordOut]
+
+
+class FaceDeleted(BaseModel):
+    deleted: int
+    seq: int
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    ready: bool
+    checks: dict[str, bool]
+
+
+# Models documented as request bodies of the image routes (see api/app.py).
+REQUEST_BODY_MODELS: tuple[type[BaseModel], ...] = (ImageForm, ImageJSON, VerifyForm, VerifyJSON)

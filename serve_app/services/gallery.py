@@ -1,0 +1,187 @@
+"""Collections, subjects and faces: enrolment with its cleanup, and the CRUD.
+
+The face crop is cut by the detector (only kilobytes reach here). It goes to
+object storage before the row is written; if the transaction fails or the
+request is cancelled, the object is deleted again, so no row ever points at
+a missing object and no object outlives a failed enrolment.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+import numpy as np
+
+from serve_app.errors import CollectionNotFound, InvalidRequest, ModelMismatch
+from serve_app.gallery.repository import Collection, FaceRecord, RemovedFaces, Subject
+from serve_app.pipeline_client import AnalyseSpec, Analysis
+from serve_app.services.liveness_policy import LivenessPolicy, enforce
+from serve_app.services.recognition import PipelinePort, single_face
+from serve_app.timing import StageTimer
+
+log = logging.getLogger("ray.serve")
+
+
+class GalleryRepo(Protocol):
+    async def ensure_collection(self, name: str, embedder: str, dim: int) -> Collection: ...
+    async def create_collection(self, name: str, embedder: str, dim: int) -> Collection: ...
+    async def get_collection(self, name: str) -> Collection | None: ...
+    async def list_collections(self) -> list[Collection]: ...
+    async def create_subject(self, collection: Collection, name: Any, metadata: dict[str, Any]) -> Subject: ...
+    async def get_subject(self, collection: Collection, subject_id: uuid.UUID) -> Subject: ...
+    async def find_subject_by_name(self, collection: Collection, name: str) -> Subject | None: ...
+    async def list_subjects(self, collection: Collection, *, limit: int, after: tuple[datetime, uuid.UUID] | None) -> list[Subject]: ...
+    async def count_subjects(self, collection: Collection) -> int: ...
+    async def rename_subject(self, collection: Collection, subject_id: uuid.UUID, name: Any) -> Subject: ...
+    async def delete_subject(self, collection: Collection, subject_id: uuid.UUID) -> RemovedFaces: ...
+    async def add_face(self, collection: Collection, subject_id: uuid.UUID, *, embedding: np.ndarray, model: str,
+                       image_sha256: str, crop_key: str, box: dict[str, float], det_score: float) -> tuple[FaceRecord, int]: ...
+    async def list_faces(self, collection: Collection, subject_id: uuid.UUID) -> list[FaceRecord]: ...
+    async def delete_face(self, collection: Collection, subject_id: uuid.UUID, face_id: int) -> RemovedFaces: ...
+
+
+class ObjectPort(Protocol):
+    async def aput(self, key: str, data: bytes) -> None: ...
+    async def adelete_many(self, keys: list[str]) -> list[str]: ...
+
+
+@dataclass
+class Enrolment:
+    face: FaceRecord
+    seq: int
+    analysis: Analysis
+    index: int
+
+
+@dataclass
+class SubjectPage:
+    subjects: list[Subject]
+    total: int
+    next_after: tuple[datetime, uuid.UUID] | None
+
+
+@dataclass
+class SubjectRemoval:
+    faces_removed: int
+    seq: int
+    crops_pending_cleanup: int
+
+
+class GalleryService:
+    def __init__(self, pipeline: PipelinePort, repo: GalleryRepo, objects: ObjectPort, *,
+                 model: str, dim: int, default_collection: str) -> None:
+        self.pipeline = pipeline
+        self.repo = repo
+        self.objects = objects
+        self.model = model
+        self.dim = dim
+        self.default_collection = default_collection
+        self._collections: dict[str, Collection] = {}
+        self.last_seq = 0  # this replica's newest write: its own reads wait for it
+
+    def _saw(self, seq: int) -> None:
+        self.last_seq = max(self.last_seq, seq)
+
+    # --- collections --------------------------------------------------------------
+    async def collection(self, name: str | None, *, create: bool = False) -> Collection:
+        name = name or self.default_collection
+        found = self._collections.get(name)
+        if found is None:
+            if create:
+                found = await self.repo.ensure_collection(name, self.model, self.dim)
+            else:
+                found = await self.repo.get_collection(name)
+                if found is None:
+                    raise CollectionNotFound(f"no collection named {name!r}", collection=name)
+            self._collections[name] = found
+        if found.embedder != self.model or found.dim != self.dim:
+            raise ModelMismatch(
+                f"collection {name!r} holds {found.embedder} embeddings but the service runs {self.model}"
+            )
+        return found
+
+    async def create_collection(self, name: str) -> Collection:
+        col = await self.repo.create_collection(name, self.model, self.dim)
+        self._collections[col.name] = col
+        return col
+
+    async def list_collections(self) -> list[Collection]:
+        return await self.repo.list_collections()
+
+    # --- subjects -------------------------------------------------------------------
+    async def create_subject(self, collection: Collection, name: str, metadata: dict[str, Any]) -> Subject:
+        return await self.repo.create_subject(collection, name, metadata)
+
+    async def subjects(self, collection: Collection, *, name: str | None, limit: int,
+                       after: tuple[datetime, uuid.UUID] | None) -> SubjectPage:
+        if name:
+            found = await self.repo.find_subject_by_name(collection, name)
+            return SubjectPage([found] if found else [], 1 if found else 0, None)
+        subjects = await self.repo.list_subjects(collection, limit=limit, after=after)
+        nxt = (subjects[-1].created_at, subjects[-1].id) if len(subjects) == limit else None
+        return SubjectPage(subjects, await self.repo.count_subjects(collection), nxt)
+
+    async def get_subject(self, collection: Collection, sid: uuid.UUID) -> Subject:
+        return await self.repo.get_subject(collection, sid)
+
+    async def rename_subject(self, collection: Collection, sid: uuid.UUID, name: str) -> Subject:
+        return await self.repo.rename_subject(collection, sid, name)
+
+    async def delete_subject(self, collection: Collection, sid: uuid.UUID) -> SubjectRemoval:
+        removed = await self.repo.delete_subject(collection, sid)
+        self._saw(removed.seq)
+        leftover = await self.objects.adelete_many(removed.crop_keys)
+        return SubjectRemoval(len(removed.face_ids), removed.seq, len(leftover))
+
+    # --- faces ------------------------------------------------------------------------
+    async def enrol(self, collection: Collection, sid: uuid.UUID, data: bytes, timer: StageTimer, *,
+                    largest: bool, policy: LivenessPolicy) -> Enrolment:
+        await self.repo.get_subject(collection, sid)  # 404 before any model work
+        analysis = await self.pipeline.analyse(
+            data, AnalyseSpec(embed=True, liveness=policy.checks, enrol_crops=True))
+        for stage, ms in analysis.timings().items():
+            timer.add(stage, ms)
+        i = single_face(analysis, "image", largest=largest)
+        enforce(policy, analysis.liveness, faces=[i])
+        if analysis.embeddings is None or not analysis.detection.enrol_crops:
+            raise InvalidRequest("the image gave no face crop to enrol")
+        face = analysis.detection.faces[i]
+        crop_key = f"crops/{collection.id}/{sid}/{uuid.uuid4().hex}.jpg"
+        x1, y1, x2, y2 = face.box
+        with timer.stage("store"):
+            await self.objects.aput(crop_key, analysis.detection.enrol_crops[i])
+            try:
+                record, seq = await self.repo.add_face(
+                    collection, sid,
+                    embedding=analysis.embeddings.vectors[i],
+                    model=analysis.embeddings.model,
+                    image_sha256=hashlib.sha256(data).hexdigest(),
+                    crop_key=crop_key,
+                    box={"x1": round(x1, 1), "y1": round(y1, 1), "x2": round(x2, 1), "y2": round(y2, 1)},
+                    det_score=float(face.score),
+                )
+            except BaseException:
+                # Shielded: a cancelled request must still remove its object.
+                await asyncio.shield(self._discard(crop_key))
+                raise
+        self._saw(seq)
+        return Enrolment(record, seq, analysis, i)
+
+    async def _discard(self, key: str) -> None:
+        left = await self.objects.adelete_many([key])
+        if left:
+            log.warning("enrolment failed and its crop %s could not be removed", key)
+
+    async def list_faces(self, collection: Collection, sid: uuid.UUID) -> list[FaceRecord]:
+        return await self.repo.list_faces(collection, sid)
+
+    async def delete_face(self, collection: Collection, sid: uuid.UUID, face_id: int) -> int:
+        removed = await self.repo.delete_face(collection, sid, face_id)
+        self._saw(removed.seq)
+        await self.objects.adelete_many(removed.crop_keys)
+        return removed.seq

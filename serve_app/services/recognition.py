@@ -1,0 +1,200 @@
+"""Detect, liveness, verify (1:1) and identify (1:N): the decisions.
+
+Takes ports, not concrete classes: anything with the PipelinePort and
+RecognitionRepo methods will do (the unit tests pass fakes). Values keep
+full precision; rounding is the HTTP edge's job.
+"""
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from serve_app.errors import InvalidRequest, ModelMismatch, MultipleFaces, NoFaceFound
+from serve_app.gallery.repository import Collection, Subject
+from serve_app.messages import Hit
+from serve_app.pipeline_client import AnalyseSpec, Analysis, MatchSpec
+from serve_app.services.liveness_policy import LivenessPolicy, enforce
+from serve_app.timing import StageTimer
+
+
+class PipelinePort(Protocol):
+    async def analyse(self, data: bytes, spec: AnalyseSpec) -> Analysis: ...
+
+
+class RecognitionRepo(Protocol):
+    async def subject_embeddings(self, collection: Collection, subject_id: uuid.UUID) -> tuple[list[str], np.ndarray]: ...
+    async def get_subject(self, collection: Collection, subject_id: uuid.UUID) -> Subject: ...
+    async def subject_names(self, subject_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]: ...
+
+
+class Outcomes(Protocol):
+    """Where decisions are counted (metrics); a no-op in tests."""
+
+    def verification(self, outcome: str) -> None: ...
+    def identification(self, outcome: str) -> None: ...
+
+
+@dataclass
+class Candidate:
+    subject_id: str
+    name: str | None
+    similarity: float
+
+
+@dataclass
+class IdentifiedFace:
+    index: int
+    decision: str  # match | unknown
+    subject: Candidate | None
+    candidates: list[Candidate]
+
+
+@dataclass
+class Identification:
+    analysis: Analysis
+    faces: list[IdentifiedFace]
+    collection: str
+    threshold: float
+    seq: int
+
+
+@dataclass
+class Verification:
+    similarity: float
+    threshold: float
+    match: bool
+    model: str
+    first: Analysis
+    first_face: int
+    second: Analysis | None = None
+    second_face: int | None = None
+    subject: Subject | None = None
+    faces_compared: int = 0
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def single_face(analysis: Analysis, what: str, *, largest: bool) -> int:
+    """Index of the face a one-face operation uses (faces come largest first)."""
+    n = len(analysis.detection)
+    if n == 0:
+        raise NoFaceFound(f"no face found in {what}")
+    if n > 1 and not largest:
+        raise MultipleFaces(
+            f"{n} faces found in {what}; send an image with one face or ask for the largest (largest=true)",
+            faces=n,
+        )
+    return 0
+
+
+def decide_identity(hits: list[Hit], names: dict[uuid.UUID, str], threshold: float) -> tuple[Candidate | None, list[Candidate]]:
+    """Best candidate at or above the threshold (or None), and all live candidates."""
+    candidates = [
+        Candidate(h.subject_id, names.get(uuid.UUID(h.subject_id)), float(h.similarity))
+        for h in hits
+        if uuid.UUID(h.subject_id) in names  # deleted since the index was read
+    ]
+    best = candidates[0] if candidates and candidates[0].similarity >= threshold else None
+    return best, candidates
+
+
+class RecognitionService:
+    def __init__(self, pipeline: PipelinePort, repo: RecognitionRepo, outcomes: Outcomes) -> None:
+        self.pipeline = pipeline
+        self.repo = repo
+        self.outcomes = outcomes
+
+    async def analyse(self, data: bytes, timer: StageTimer, spec: AnalyseSpec,
+                      policy: LivenessPolicy = LivenessPolicy.OFF) -> Analysis:
+        analysis = await self.pipeline.analyse(data, spec)
+        for stage, ms in analysis.timings().items():
+            timer.add(stage, ms)
+        enforce(policy, analysis.liveness)
+        return analysis
+
+    async def detect(self, data: bytes, timer: StageTimer, policy: LivenessPolicy) -> Analysis:
+        return await self.analyse(data, timer, AnalyseSpec(liveness=policy.checks), policy)
+
+    async def liveness(self, data: bytes, timer: StageTimer) -> Analysis:
+        analysis = await self.analyse(data, timer, AnalyseSpec(liveness=True), LivenessPolicy.FLAG)
+        if not len(analysis.detection):
+            raise NoFaceFound("no face found in the image")
+        return analysis
+
+    async def verify_pair(self, first: bytes, second: bytes, timer: StageTimer,
+                          policy: LivenessPolicy, threshold: float) -> Verification:
+        spec = AnalyseSpec(embed=True, liveness=policy.checks)
+        try:
+            a, b = await asyncio.gather(self.analyse(first, timer, spec, policy),
+                                        self.analyse(second, timer, spec, policy))
+            i = single_face(a, "image1", largest=True)
+            j = single_face(b, "image2", largest=True)
+        except Exception as exc:
+            self._count_error(exc, self.outcomes.verification)
+            raise
+        assert a.embeddings is not None and b.embeddings is not None
+        if a.embeddings.model != b.embeddings.model:
+            raise ModelMismatch("the two images were embedded by different models")
+        sim = float(a.embeddings.vectors[i] @ b.embeddings.vectors[j])
+        result = Verification(sim, threshold, sim >= threshold, a.embeddings.model, a, i, b, j)
+        self.outcomes.verification("match" if result.match else "no_match")
+        return result
+
+    async def verify_subject(self, data: bytes, collection: Collection, subject_id: uuid.UUID,
+                             timer: StageTimer, policy: LivenessPolicy, threshold: float) -> Verification:
+        try:
+            subject = await self.repo.get_subject(collection, subject_id)  # 404 before model work
+            models, stored = await self.repo.subject_embeddings(collection, subject_id)
+            if not len(stored):
+                raise InvalidRequest(f"subject {subject_id} has no enrolled faces to verify against")
+            a = await self.analyse(data, timer, AnalyseSpec(embed=True, liveness=policy.checks), policy)
+            i = single_face(a, "image", largest=True)
+        except Exception as exc:
+            self._count_error(exc, self.outcomes.verification)
+            raise
+        assert a.embeddings is not None
+        if any(m != a.embeddings.model for m in models):
+            raise ModelMismatch("the subject's faces were embedded by another model")
+        sim = float(np.max(stored @ a.embeddings.vectors[i]))
+        result = Verification(sim, threshold, sim >= threshold, a.embeddings.model, a, i,
+                              subject=subject, faces_compared=len(stored))
+        self.outcomes.verification("match" if result.match else "no_match")
+        return result
+
+    async def identify(self, data: bytes, collection: Collection, timer: StageTimer, *, k: int,
+                       min_seq: int, policy: LivenessPolicy, threshold: float) -> Identification:
+        spec = AnalyseSpec(embed=True, liveness=policy.checks, match=MatchSpec(collection.id, k, min_seq))
+        try:
+            analysis = await self.analyse(data, timer, spec, policy)
+        except Exception as exc:
+            self._count_error(exc, self.outcomes.identification)
+            raise
+        if not len(analysis.detection):
+            raise NoFaceFound("no face found in the image")
+        hits = analysis.matches.hits if analysis.matches else [[] for _ in range(len(analysis.detection))]
+        ids = list({uuid.UUID(h.subject_id) for per_face in hits for h in per_face})
+        names = await self.repo.subject_names(ids) if ids else {}
+        faces = []
+        for i in range(len(analysis.detection)):
+            best, candidates = decide_identity(hits[i], names, threshold)
+            self.outcomes.identification("match" if best else "unknown")
+            faces.append(IdentifiedFace(i, "match" if best else "unknown", best, candidates))
+        seq = analysis.matches.seq if analysis.matches else 0
+        return Identification(analysis, faces, collection.name, threshold, seq)
+
+    @staticmethod
+    def _count_error(exc: BaseException, count: object) -> None:
+        from serve_app.errors import CallerError
+
+        # The caller's bad input is not a failed verification/identification.
+        if not isinstance(exc, CallerError) and not _is_image_error(exc):
+            count("error")  # type: ignore[operator]
+
+
+def _is_image_error(exc: BaseException) -> bool:
+    from models.images import ImageError
+
+    return isinstance(exc, ImageError)

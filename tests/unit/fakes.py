@@ -1,0 +1,203 @@
+"""In-memory stand-ins for the pipeline, the repository and the object store.
+
+Small and honest: the repository keeps real rows in dicts and enforces the
+same errors the Postgres one raises, the pipeline answers from scripted
+per-image outcomes (bytes -> faces, vectors, liveness scores).
+"""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from serve_app.errors import Conflict, FaceNotFound, SubjectNotFound
+from serve_app.gallery.repository import Collection, FaceRecord, RemovedFaces, Subject
+from serve_app.messages import DetectionResult, EmbeddingResult, FaceInfo, Hit, LivenessResult, MatchResult
+from serve_app.pipeline_client import AnalyseSpec, Analysis
+
+DIM = 4
+
+
+def unit(*v: float) -> np.ndarray:
+    a = np.asarray(v, np.float32)
+    return a / np.linalg.norm(a)
+
+
+@dataclass
+class Scripted:
+    """What the fake pipeline finds in one image."""
+
+    vectors: list[np.ndarray]
+    live: list[float] = field(default_factory=list)
+    error: Exception | None = None
+
+
+class FakePipeline:
+    def __init__(self, repo: "FakeRepo | None" = None, live_threshold: float = 0.5) -> None:
+        self.images: dict[bytes, Scripted] = {}
+        self.calls: list[AnalyseSpec] = []
+        self.repo = repo
+        self.live_threshold = live_threshold
+
+    def script(self, data: bytes, *vectors: np.ndarray, live: list[float] | None = None) -> bytes:
+        self.images[data] = Scripted(list(vectors), live or [0.99] * len(vectors))
+        return data
+
+    async def analyse(self, data: bytes, spec: AnalyseSpec) -> Analysis:
+        self.calls.append(spec)
+        s = self.images[data]
+        if s.error is not None:
+            raise s.error
+        n = len(s.vectors)
+        faces = [FaceInfo((10.0 * i, 0.0, 10.0 * i + 50.0, 60.0), np.zeros((5, 2), np.float32), 0.9)
+                 for i in range(n)]
+        det = DetectionResult(faces=faces, aligned=np.zeros((n, 112, 112, 3), np.uint8),
+                              liveness_crops=None, enrol_crops=[b"jpeg%d" % i for i in range(n)] if spec.enrol_crops else None,
+                              image_size=(640, 480), image_format="JPEG", timings_ms={"detect": 1.0})
+        emb = (EmbeddingResult("fake", DIM, np.stack(s.vectors) if n else np.zeros((0, DIM), np.float32),
+                               {"embed": 1.0}) if (spec.embed or spec.match) else None)
+        live = LivenessResult(np.asarray(s.live, np.float32), self.live_threshold, {"liveness": 1.0}) if spec.liveness else None
+        match = None
+        if spec.match is not None and self.repo is not None and emb is not None:
+            match = MatchResult(self.repo.search(spec.match.collection_id, emb.vectors, spec.match.k),
+                                self.repo.seq, {"search": 1.0})
+        return Analysis(det, emb, live, match)
+
+
+class FakeObjects:
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+        self.fail_put = False
+
+    async def aput(self, key: str, data: bytes) -> None:
+        if self.fail_put:
+            raise OSError("object store down")
+        self.data[key] = data
+
+    async def adelete_many(self, keys: list[str]) -> list[str]:
+        for k in keys:
+            self.data.pop(k, None)
+        return []
+
+
+class FakeRepo:
+    def __init__(self) -> None:
+        self.collections: dict[str, Collection] = {}
+        self.subjects: dict[uuid.UUID, tuple[int, Subject]] = {}
+        self.faces: dict[int, tuple[int, FaceRecord, np.ndarray]] = {}
+        self.seq = 0
+        self.fail_add_face: Exception | None = None
+
+    async def ensure_collection(self, name: str, embedder: str, dim: int) -> Collection:
+        if name not in self.collections:
+            self.collections[name] = Collection(len(self.collections) + 1, name, embedder, dim)
+        return self.collections[name]
+
+    async def create_collection(self, name: str, embedder: str, dim: int) -> Collection:
+        if name in self.collections:
+            raise Conflict(f"collection {name!r} exists")
+        return await self.ensure_collection(name, embedder, dim)
+
+    async def get_collection(self, name: str) -> Collection | None:
+        return self.collections.get(name)
+
+    async def list_collections(self) -> list[Collection]:
+        return list(self.collections.values())
+
+    async def create_subject(self, collection: Collection, name: Any, metadata: dict[str, Any]) -> Subject:
+        now = datetime.now(timezone.utc)
+        s = Subject(uuid.uuid4(), collection.name, name, metadata, now, now)
+        self.subjects[s.id] = (collection.id, s)
+        return s
+
+    async def get_subject(self, collection: Collection, subject_id: uuid.UUID) -> Subject:
+        found = self.subjects.get(subject_id)
+        if found is None or found[0] != collection.id:
+            raise SubjectNotFound(f"no subject with id {subject_id}")
+        return found[1]
+
+    async def find_subject_by_name(self, collection: Collection, name: str) -> Subject | None:
+        return next((s for cid, s in self.subjects.values() if cid == collection.id and s.name == name), None)
+
+    async def list_subjects(self, collection: Collection, *, limit: int, after: Any) -> list[Subject]:
+        rows = sorted((s for cid, s in self.subjects.values() if cid == collection.id),
+                      key=lambda s: (s.created_at, s.id))
+        if after is not None:
+            rows = [s for s in rows if (s.created_at, s.id) > after]
+        return rows[:limit]
+
+    async def count_subjects(self, collection: Collection) -> int:
+        return sum(1 for cid, _ in self.subjects.values() if cid == collection.id)
+
+    async def rename_subject(self, collection: Collection, subject_id: uuid.UUID, name: Any) -> Subject:
+        s = await self.get_subject(collection, subject_id)
+        s.name = name
+        return s
+
+    async def subject_names(self, subject_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
+        return {sid: self.subjects[sid][1].name for sid in subject_ids if sid in self.subjects}
+
+    async def subject_embeddings(self, collection: Collection, subject_id: uuid.UUID) -> tuple[list[str], np.ndarray]:
+        rows = [(f.model, v) for cid, f, v in self.faces.values() if cid == collection.id and f.subject_id == subject_id]
+        return [m for m, _ in rows], (np.stack([v for _, v in rows]) if rows else np.zeros((0, DIM), np.float32))
+
+    async def add_face(self, collection: Collection, subject_id: uuid.UUID, *, embedding: np.ndarray, model: str,
+                       image_sha256: str, crop_key: str, box: dict[str, float], det_score: float) -> tuple[FaceRecord, int]:
+        if self.fail_add_face is not None:
+            raise self.fail_add_face
+        await self.get_subject(collection, subject_id)
+        self.seq += 1
+        rec = FaceRecord(len(self.faces) + 1, subject_id, model, image_sha256, crop_key, box, det_score,
+                         datetime.now(timezone.utc))
+        self.faces[rec.id] = (collection.id, rec, np.asarray(embedding, np.float32))
+        return rec, self.seq
+
+    async def list_faces(self, collection: Collection, subject_id: uuid.UUID) -> list[FaceRecord]:
+        await self.get_subject(collection, subject_id)
+        return [f for cid, f, _ in self.faces.values() if cid == collection.id and f.subject_id == subject_id]
+
+    async def delete_face(self, collection: Collection, subject_id: uuid.UUID, face_id: int) -> RemovedFaces:
+        found = self.faces.get(face_id)
+        if found is None or found[0] != collection.id or found[1].subject_id != subject_id:
+            raise FaceNotFound(f"no face {face_id}")
+        del self.faces[face_id]
+        self.seq += 1
+        return RemovedFaces(self.seq, [face_id], [found[1].crop_key or ""])
+
+    async def delete_subject(self, collection: Collection, subject_id: uuid.UUID) -> RemovedFaces:
+        await self.get_subject(collection, subject_id)
+        gone = [fid for fid, (cid, f, _) in self.faces.items() if f.subject_id == subject_id]
+        keys = [self.faces[f][1].crop_key or "" for f in gone]
+        for fid in gone:
+            del self.faces[fid]
+        del self.subjects[subject_id]
+        self.seq += 1
+        return RemovedFaces(self.seq, gone, keys)
+
+    def search(self, collection_id: int, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+        out = []
+        for v in vectors:
+            best: dict[uuid.UUID, Hit] = {}
+            for fid, (cid, f, e) in self.faces.items():
+                if cid != collection_id:
+                    continue
+                sim = float(e @ v)
+                if f.subject_id not in best or sim > best[f.subject_id].similarity:
+                    best[f.subject_id] = Hit(str(f.subject_id), fid, sim)
+            out.append(sorted(best.values(), key=lambda h: -h.similarity)[:k])
+        return out
+
+
+class CountingOutcomes:
+    def __init__(self) -> None:
+        self.verifications: list[str] = []
+        self.identifications: list[str] = []
+
+    def verification(self, outcome: str) -> None:
+        self.verifications.append(outcome)
+
+    def identification(self, outcome: str) -> None:
+        self.identifications.append(outcome)

@@ -1,0 +1,125 @@
+"""The whole FastAPI app from the factory, over fake services (no Ray)."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from serve_app.api.app import create_app
+from serve_app.api.deps import Edge
+from serve_app.deployment_config import IngressConfig
+from serve_app.errors import ServiceUnavailable
+from serve_app.services.gallery import GalleryService
+from serve_app.services.recognition import RecognitionService
+from tests.unit.fakes import DIM, CountingOutcomes, FakeObjects, FakePipeline, FakeRepo, Scripted, unit
+
+JPEG = b"\xff\xd8\xff\xe0" + b"face-a"
+JPEG_B = b"\xff\xd8\xff\xe0" + b"face-b"
+PDF = b"%PDF-1.4 not an image"
+
+
+@pytest.fixture()
+def app_client() -> Iterator[tuple[TestClient, FakePipeline, FakeRepo]]:
+    import asyncio
+
+    repo = FakeRepo()
+    pipe = FakePipeline(repo)
+    pipe.script(JPEG, unit(1, 0, 0, 0))
+    pipe.script(JPEG_B, unit(0, 1, 0, 0))
+    gallery = GalleryService(pipe, repo, FakeObjects(), model="fake", dim=DIM, default_collection="default")
+    asyncio.run(gallery.collection(None, create=True))
+    edge = Edge(recognition=RecognitionService(pipe, repo, CountingOutcomes()), gallery=gallery,
+                config=lambda: IngressConfig(verify_threshold=0.5, identify_threshold=0.5))
+    with TestClient(create_app(edge), raise_server_exceptions=False) as client:
+        yield client, pipe, repo
+
+
+def _error(r, status: int, code: str) -> None:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and body["error"]["code"] == code and body["error"]["message"]
+
+
+def test_enrol_identify_verify_round_trip(app_client) -> None:
+    client, _, _ = app_client
+    r = client.post("/v1/subjects", json={"name": "ada"})
+    assert r.status_code == 201, r.text
+    sid = r.json()["id"]
+    r = client.post(f"/v1/subjects/{sid}/faces", files={"image": ("a.jpg", JPEG)})
+    assert r.status_code == 201, r.text
+    assert r.json()["seq"] == 1 and r.json()["face"]["liveness"]["live"] is True  # enrolment checks by default
+    r = client.post("/v1/identify", content=JPEG, headers={"content-type": "image/jpeg"})
+    face = r.json()["faces"][0]
+    assert face["decision"] == "match" and face["subject"]["name"] == "ada"
+    assert r.json()["timings_ms"]["total"] >= 0
+    r = client.post("/v1/verify", files={"image1": ("a.jpg", JPEG), "image2": ("b.jpg", JPEG_B)})
+    assert r.status_code == 200 and r.json()["match"] is False and "faces" in r.json()
+    r = client.post("/v1/verify", data={"subject_id": sid}, files={"image1": ("a.jpg", JPEG)})
+    assert r.json()["match"] is True and r.json()["subject"]["faces_compared"] == 1
+
+
+def test_unknown_routes_and_methods_use_the_envelope(app_client) -> None:
+    client, _, _ = app_client
+    _error(client.get("/nope"), 404, "not_found")
+    _error(client.put("/v1/identify"), 405, "method_not_allowed")
+
+
+def test_json_only_with_a_json_content_type(app_client) -> None:
+    client, _, _ = app_client
+    r = client.post("/v1/subjects", content=b'{"name": "csrf"}', headers={"content-type": "text/plain"})
+    assert 400 <= r.status_code < 500 and "error" in r.json()
+    assert client.get("/v1/subjects").json()["total"] == 0
+
+
+def test_bad_input_is_a_4xx(app_client) -> None:
+    client, _, _ = app_client
+    _error(client.post("/v1/detect", files={"image": ("x.pdf", PDF)}), 415, "unsupported_media_type")
+    _error(client.post("/v1/detect", json={"liveness": "off"}), 400, "invalid_request")
+    _error(client.post("/v1/detect", data={"liveness": "off"}), 415, "unsupported_media_type")
+    _error(client.post("/v1/subjects", json={"name": ""}), 400, "invalid_request")
+    _error(client.delete("/v1/subjects/00000000-0000-0000-0000-000000000000/faces/99999999999999999999999"),
+           400, "invalid_request")
+    _error(client.get("/v1/subjects/not-a-uuid"), 404, "subject_not_found")
+    _error(client.post("/v1/identify", files={"image": ("a.jpg", JPEG)}, data={"top_k": "0"}),
+           400, "invalid_request")
+    _error(client.get("/v1/subjects", params={"collection": "missing"}), 404, "collection_not_found")
+
+
+def test_overload_is_a_503_with_retry_after(app_client) -> None:
+    client, pipe, _ = app_client
+    pipe.images[JPEG] = Scripted([], error=ServiceUnavailable("at capacity", retry_after_s=2))
+    r = client.post("/v1/detect", files={"image": ("a.jpg", JPEG)})
+    _error(r, 503, "unavailable")
+    assert r.headers["retry-after"] == "2"
+
+
+def test_dependency_outage_is_a_503_and_a_bug_a_500(app_client) -> None:
+    client, pipe, repo = app_client
+
+    async def down(*_a, **_k):
+        raise ConnectionRefusedError("postgres is down")
+
+    repo.create_subject = down  # type: ignore[method-assign]
+    _error(client.post("/v1/subjects", json={"name": "x"}), 503, "unavailable")
+
+    async def bug(*_a, **_k):
+        raise KeyError("oops")
+
+    repo.list_collections = bug  # type: ignore[method-assign]
+    r = client.get("/v1/collections")
+    _error(r, 500, "internal_error")
+    assert "oops" not in r.text
+
+
+def test_openapi_lists_request_and_response_models(app_client) -> None:
+    client, _, _ = app_client
+    doc = client.get("/openapi.json").json()
+    schemas = doc["components"]["schemas"]
+    for name in ("ImageForm", "ImageJSON", "VerifyForm", "VerifyJSON", "IdentifyResponse", "DetectResponse",
+                 "VerifyResponse", "EnrolResponse", "SubjectIn", "ErrorResponse"):
+        assert name in schemas, name
+    body = doc["paths"]["/v1/identify"]["post"]["requestBody"]["content"]
+    assert body["multipart/form-data"]["schema"]["$ref"].endswith("/ImageForm")
+    ok = doc["paths"]["/v1/identify"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert ok["$ref"].endswith("/IdentifyResponse")

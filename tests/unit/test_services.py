@@ -1,0 +1,205 @@
+"""The decisions, driven through the services with fakes: no Ray, no servers."""
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pytest
+
+from models.images import ImageUnreadable
+from serve_app.errors import (
+    InvalidRequest,
+    MultipleFaces,
+    NoFaceFound,
+    ServiceUnavailable,
+    SpoofDetected,
+    SubjectNotFound,
+)
+from serve_app.services.gallery import GalleryService
+from serve_app.services.liveness_policy import LivenessPolicy
+from serve_app.services.recognition import RecognitionService, decide_identity
+from serve_app.messages import Hit
+from serve_app.timing import StageTimer
+from tests.unit.fakes import DIM, CountingOutcomes, FakeObjects, FakePipeline, FakeRepo, unit
+
+A = unit(1, 0, 0, 0)
+A2 = unit(1, 0.2, 0, 0)  # similar to A (cos ~0.98)
+B = unit(0, 1, 0, 0)
+C = unit(0, 0, 1, 0.1)
+
+
+@pytest.fixture()
+def world() -> tuple[FakeRepo, FakePipeline, FakeObjects, RecognitionService, GalleryService, CountingOutcomes]:
+    repo = FakeRepo()
+    pipe = FakePipeline(repo)
+    objects = FakeObjects()
+    outcomes = CountingOutcomes()
+    rec = RecognitionService(pipe, repo, outcomes)
+    gal = GalleryService(pipe, repo, objects, model="fake", dim=DIM, default_collection="default")
+    return repo, pipe, objects, rec, gal, outcomes
+
+
+async def _enrolled(gal: GalleryService, pipe: FakePipeline, name: str, vec: np.ndarray) -> uuid.UUID:
+    col = await gal.collection(None, create=True)
+    subject = await gal.create_subject(col, name, {})
+    data = pipe.script(f"{name}-enrol".encode(), vec)
+    await gal.enrol(col, subject.id, data, StageTimer(), largest=False, policy=LivenessPolicy.OFF)
+    return subject.id
+
+
+# --- verify -------------------------------------------------------------------------------
+async def test_verify_pair_match_and_no_match(world) -> None:
+    _, pipe, _, rec, _, outcomes = world
+    a, a2, b = pipe.script(b"a", A), pipe.script(b"a2", A2), pipe.script(b"b", B)
+    same = await rec.verify_pair(a, a2, StageTimer(), LivenessPolicy.OFF, 0.5)
+    diff = await rec.verify_pair(a, b, StageTimer(), LivenessPolicy.OFF, 0.5)
+    assert same.match and same.similarity == pytest.approx(float(A @ A2))
+    assert not diff.match and diff.similarity == pytest.approx(0.0, abs=1e-6)
+    assert outcomes.verifications == ["match", "no_match"]
+
+
+async def test_verify_uses_largest_face_and_requires_one(world) -> None:
+    _, pipe, _, rec, _, outcomes = world
+    group, none, a = pipe.script(b"g", A, B), pipe.script(b"none"), pipe.script(b"a", A)
+    v = await rec.verify_pair(group, a, StageTimer(), LivenessPolicy.OFF, 0.5)
+    assert v.match and v.first_face == 0  # faces come largest first
+    with pytest.raises(NoFaceFound):
+        await rec.verify_pair(none, a, StageTimer(), LivenessPolicy.OFF, 0.5)
+    assert outcomes.verifications == ["match"]  # the caller's bad input is not an outcome
+
+
+async def test_verify_against_subject(world) -> None:
+    repo, pipe, _, rec, gal, _ = world
+    sid = await _enrolled(gal, pipe, "ada", A)
+    col = await gal.collection(None)
+    v = await rec.verify_subject(pipe.script(b"probe", A2), col, sid, StageTimer(), LivenessPolicy.OFF, 0.5)
+    assert v.match and v.faces_compared == 1 and v.subject is not None and v.subject.name == "ada"
+    empty = await gal.create_subject(col, "nobody", {})
+    with pytest.raises(InvalidRequest, match="no enrolled faces"):
+        await rec.verify_subject(b"probe", col, empty.id, StageTimer(), LivenessPolicy.OFF, 0.5)
+    with pytest.raises(SubjectNotFound):
+        await rec.verify_subject(b"probe", col, uuid.uuid4(), StageTimer(), LivenessPolicy.OFF, 0.5)
+    assert pipe.calls[-1].embed  # the 404 came before any model work
+
+
+# --- identify -------------------------------------------------------------------------------
+async def test_identify_decisions_per_face(world) -> None:
+    _, pipe, _, rec, gal, outcomes = world
+    ada = await _enrolled(gal, pipe, "ada", A)
+    await _enrolled(gal, pipe, "bob", B)
+    col = await gal.collection(None)
+    probe = pipe.script(b"group", A2, C)
+    result = await rec.identify(probe, col, StageTimer(), k=5, min_seq=0, policy=LivenessPolicy.OFF, threshold=0.5)
+    first, second = result.faces
+    assert first.decision == "match" and first.subject is not None and first.subject.subject_id == str(ada)
+    assert first.subject.name == "ada" and [c.name for c in first.candidates][0] == "ada"
+    assert second.decision == "unknown" and second.subject is None
+    assert outcomes.identifications == ["match", "unknown"]
+
+
+async def test_identify_no_face_is_the_callers_error(world) -> None:
+    _, pipe, _, rec, gal, outcomes = world
+    col = await gal.collection(None, create=True)
+    with pytest.raises(NoFaceFound):
+        await rec.identify(pipe.script(b"empty"), col, StageTimer(), k=5, min_seq=0,
+                           policy=LivenessPolicy.OFF, threshold=0.5)
+    pipe.images[b"bad"] = type(pipe.images[b"empty"])([], error=ImageUnreadable("corrupt"))
+    with pytest.raises(ImageUnreadable):
+        await rec.identify(b"bad", col, StageTimer(), k=5, min_seq=0, policy=LivenessPolicy.OFF, threshold=0.5)
+    pipe.images[b"down"] = type(pipe.images[b"empty"])([], error=ServiceUnavailable("overloaded"))
+    with pytest.raises(ServiceUnavailable):
+        await rec.identify(b"down", col, StageTimer(), k=5, min_seq=0, policy=LivenessPolicy.OFF, threshold=0.5)
+    assert outcomes.identifications == ["error"]  # only our own failure counts as an error
+
+
+def test_decide_identity_drops_deleted_subjects_and_applies_threshold() -> None:
+    gone, kept = uuid.uuid4(), uuid.uuid4()
+    hits = [Hit(str(gone), 1, 0.9), Hit(str(kept), 2, 0.6)]
+    best, cands = decide_identity(hits, {kept: "kept"}, threshold=0.5)
+    assert best is not None and best.subject_id == str(kept) and len(cands) == 1
+    best, _ = decide_identity(hits, {kept: "kept"}, threshold=0.7)
+    assert best is None
+
+
+# --- liveness policy ---------------------------------------------------------------------------
+async def test_liveness_policy_off_flag_block(world) -> None:
+    _, pipe, _, rec, _, _ = world
+    spoof = pipe.script(b"spoof", A, live=[0.1])
+    off = await rec.detect(spoof, StageTimer(), LivenessPolicy.OFF)
+    assert off.liveness is None and not pipe.calls[-1].liveness
+    flagged = await rec.detect(spoof, StageTimer(), LivenessPolicy.FLAG)
+    assert flagged.liveness is not None and flagged.liveness.live() == [False]
+    with pytest.raises(SpoofDetected) as err:
+        await rec.detect(spoof, StageTimer(), LivenessPolicy.BLOCK)
+    assert err.value.details["faces"] == [0]
+    live = pipe.script(b"live", A, live=[0.9])
+    assert (await rec.detect(live, StageTimer(), LivenessPolicy.BLOCK)).liveness is not None
+
+
+def test_liveness_policy_parse() -> None:
+    assert LivenessPolicy.parse(None, LivenessPolicy.FLAG) is LivenessPolicy.FLAG
+    assert LivenessPolicy.parse("BLOCK", LivenessPolicy.OFF) is LivenessPolicy.BLOCK
+    with pytest.raises(InvalidRequest):
+        LivenessPolicy.parse("maybe", LivenessPolicy.OFF)
+
+
+# --- enrolment ---------------------------------------------------------------------------------
+async def test_enrol_stores_crop_then_row(world) -> None:
+    repo, pipe, objects, _, gal, _ = world
+    col = await gal.collection(None, create=True)
+    s = await gal.create_subject(col, "ada", {})
+    out = await gal.enrol(col, s.id, pipe.script(b"ada", A), StageTimer(), largest=False, policy=LivenessPolicy.OFF)
+    assert out.seq == 1 and gal.last_seq == 1
+    (key,) = objects.data
+    assert out.face.crop_key == key and key.startswith(f"crops/{col.id}/{s.id}/")  # ids, never names
+    assert objects.data[key] == b"jpeg0"
+
+
+async def test_enrol_failure_leaves_no_object(world) -> None:
+    repo, pipe, objects, _, gal, _ = world
+    col = await gal.collection(None, create=True)
+    s = await gal.create_subject(col, "ada", {})
+    repo.fail_add_face = ConnectionError("postgres went away")
+    with pytest.raises(ConnectionError):
+        await gal.enrol(col, s.id, pipe.script(b"ada", A), StageTimer(), largest=False, policy=LivenessPolicy.OFF)
+    assert objects.data == {} and repo.faces == {}
+
+
+async def test_enrol_refusals_write_nothing(world) -> None:
+    repo, pipe, objects, _, gal, _ = world
+    col = await gal.collection(None, create=True)
+    s = await gal.create_subject(col, "ada", {})
+    cases = [
+        (pipe.script(b"two", A, B), LivenessPolicy.OFF, MultipleFaces),
+        (pipe.script(b"none"), LivenessPolicy.OFF, NoFaceFound),
+        (pipe.script(b"spoof", A, live=[0.05]), LivenessPolicy.BLOCK, SpoofDetected),
+    ]
+    for data, policy, err in cases:
+        with pytest.raises(err):
+            await gal.enrol(col, s.id, data, StageTimer(), largest=False, policy=policy)
+    with pytest.raises(SubjectNotFound):
+        await gal.enrol(col, uuid.uuid4(), b"two", StageTimer(), largest=True, policy=LivenessPolicy.OFF)
+    assert objects.data == {} and repo.faces == {}
+    # largest=true takes the first (largest) face of a group photo
+    out = await gal.enrol(col, s.id, b"two", StageTimer(), largest=True, policy=LivenessPolicy.OFF)
+    assert np.allclose(repo.faces[out.face.id][2], A)
+
+
+async def test_enrol_object_store_down_writes_no_row(world) -> None:
+    repo, pipe, objects, _, gal, _ = world
+    col = await gal.collection(None, create=True)
+    s = await gal.create_subject(col, "ada", {})
+    objects.fail_put = True
+    with pytest.raises(OSError):
+        await gal.enrol(col, s.id, pipe.script(b"ada", A), StageTimer(), largest=False, policy=LivenessPolicy.OFF)
+    assert repo.faces == {} and repo.seq == 0
+
+
+async def test_delete_subject_removes_crops(world) -> None:
+    repo, pipe, objects, _, gal, _ = world
+    sid = await _enrolled(gal, pipe, "ada", A)
+    col = await gal.collection(None)
+    assert len(objects.data) == 1
+    removed = await gal.delete_subject(col, sid)
+    assert removed.faces_removed == 1 and removed.crops_pending_cleanup == 0 and objects.data == {}
+    assert gal.last_seq == removed.seq
