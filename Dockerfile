@@ -14,7 +14,6 @@ ARG BASE_IMAGE=python:3.11.14-slim-bookworm
 
 # ---------------------------------------------------------------- build stage
 FROM ${BASE_IMAGE} AS build
-SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # PyTorch's CPU wheels (same versions as the pins, no CUDA libraries: the Ray
 # worker groups are CPU nodes). Pass an empty value for PyPI's default build.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
@@ -38,12 +37,12 @@ RUN bash scripts/install.sh --venv /opt/faceserve/venv \
 
 # ---------------------------------------------------------------- final stage
 FROM ${BASE_IMAGE}
-SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ARG BASE_IMAGE
 ARG VERSION
 ARG REVISION=unknown
 # A folder of the build context with the weights files (../shared/models on
-# the build machines; copy it into the context, see docs/DEPLOY.md).
+# the build machines; copy it into the context, see docs/DEPLOY.md). The
+# .dockerignore lets weights/ in; another folder needs a line there.
 ARG WEIGHTS_DIR=weights
 LABEL org.opencontainers.image.title="faceserve" \
       org.opencontainers.image.description="Face recognition service on Ray Serve: detect, liveness, enrol, verify, identify" \
@@ -54,8 +53,11 @@ LABEL org.opencontainers.image.title="faceserve" \
 
 # Numeric user (uid 1000, like the Ray project's images) so Kubernetes can
 # enforce runAsNonRoot; it owns only its home (Ray writes under /tmp/ray).
+# KubeRay starts Ray with `bash -lc`, and Debian's /etc/profile resets PATH
+# for login shells: profile.d puts the virtualenv back in front.
 RUN groupadd --gid 1000 faceserve \
-    && useradd --uid 1000 --gid 1000 --create-home --shell /bin/bash faceserve
+    && useradd --uid 1000 --gid 1000 --create-home --shell /bin/bash faceserve \
+    && echo "export PATH=/opt/faceserve/venv/bin:\${PATH}" > /etc/profile.d/faceserve.sh
 
 COPY --from=build /opt/faceserve /opt/faceserve
 COPY ${WEIGHTS_DIR}/ /opt/faceserve/weights/
@@ -68,9 +70,11 @@ USER 1000:1000
 WORKDIR /home/faceserve
 
 # The build fails unless every required weights file is in the image with
-# its pinned sha256 (FaceNet's are optional, fetched on first use), and
-# unless VERSION is the version of the package installed.
+# its pinned sha256 (FaceNet's are optional, fetched on first use), unless
+# a login shell finds Ray (as KubeRay runs it), and unless VERSION is the
+# version of the package installed.
 RUN faceserve models verify \
+    && bash -lc "ray --version" \
     && installed="$(python -c 'import importlib.metadata as m; print(m.version("faceserve"))')" \
     && if [ "${installed}" != "${VERSION}" ]; then \
          echo "pass --build-arg VERSION=${installed} (got '${VERSION}')" >&2; exit 1; \
