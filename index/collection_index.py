@@ -4,9 +4,15 @@
 answers top-k similarity queries. Two layouts:
 
 * ``kind="flat"`` (default): ``IndexIDMap2(IndexFlatIP)`` -- exact search.
-* ``kind="ivf"``: ``IndexIVFFlat`` with inner product, for large galleries;
-  it must be trained (``train``) before vectors are added, and ``nprobe``
-  trades recall for speed.
+* ``kind="ivf"``: ``IndexIVFFlat``, for large galleries; it must be trained
+  (``train``) before vectors are added, and ``nprobe`` trades recall for
+  speed.
+* ``kind="ivfsq8"``: ``IndexIVFScalarQuantizer`` with 8-bit codes (a quarter
+  of IVF-flat's memory), for galleries beyond a memory budget. Stored
+  vectors come back (``get_vectors``) only approximately.
+
+Which kind a collection gets, and its nlist/nprobe, is decided by
+``index.policy`` (measured recall) and ``index.adaptive`` (rebuilds).
 
 Scores are "higher is better": the inner product for ``metric="ip"`` (the
 cosine similarity when vectors are L2-normalised, as our embedders return
@@ -37,9 +43,10 @@ from models.errors import IndexCorrupt, InvalidRequest
 
 from . import framing
 
-__all__ = ["CollectionIndex", "SNAPSHOT_FORMAT_VERSION"]
+__all__ = ["CollectionIndex", "IVF_KINDS", "KINDS", "SNAPSHOT_FORMAT_VERSION"]
 
-KINDS = ("flat", "ivf")
+KINDS = ("flat", "ivf", "ivfsq8")
+IVF_KINDS = ("ivf", "ivfsq8")
 METRICS = ("ip", "l2")
 
 # Snapshot layout: MAGIC | uint16 version | uint32 header length | JSON header | faiss bytes
@@ -127,7 +134,12 @@ class CollectionIndex:
             flat = faiss.IndexFlatIP(self.dim) if self.metric == "ip" else faiss.IndexFlatL2(self.dim)
             return faiss.IndexIDMap2(flat)
         quantizer = faiss.IndexFlatIP(self.dim) if self.metric == "ip" else faiss.IndexFlatL2(self.dim)
-        ivf = faiss.IndexIVFFlat(quantizer, self.dim, self.nlist, self._faiss_metric())
+        if self.kind == "ivf":
+            ivf = faiss.IndexIVFFlat(quantizer, self.dim, self.nlist, self._faiss_metric())
+        else:
+            ivf = faiss.IndexIVFScalarQuantizer(
+                quantizer, self.dim, self.nlist, faiss.ScalarQuantizer.QT_8bit, self._faiss_metric()
+            )
         # (faiss's Python wrapper keeps the quantizer alive with the index)
         # A hash-table direct map gives O(1) per-id remove and lookup.
         ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
@@ -178,7 +190,7 @@ class CollectionIndex:
         value = _check_positive_int("nprobe", value)
         with self._lock.write():
             self._nprobe = value
-            if self.kind == "ivf":
+            if self.kind in IVF_KINDS:
                 self._index.nprobe = min(value, self.nlist)
 
     @property
@@ -189,7 +201,7 @@ class CollectionIndex:
         return int(self._index.ntotal)
 
     def __repr__(self) -> str:
-        extra = f", nlist={self.nlist}, nprobe={self._nprobe}" if self.kind == "ivf" else ""
+        extra = f", nlist={self.nlist}, nprobe={self._nprobe}" if self.kind in IVF_KINDS else ""
         return (
             f"CollectionIndex(dim={self.dim}, metric={self.metric!r}, kind={self.kind!r}"
             f"{extra}, ntotal={len(self)})"
@@ -241,7 +253,7 @@ class CollectionIndex:
             return self._remove_locked(np.unique(id_arr))
 
     def _remove_locked(self, id_arr: np.ndarray) -> int:
-        if self.kind == "ivf":
+        if self.kind in IVF_KINDS:
             # The hash-table direct map only accepts an explicit id array.
             selector = faiss.IDSelectorArray(id_arr)
         else:
@@ -295,6 +307,38 @@ class CollectionIndex:
                 except RuntimeError:
                     raise InvalidRequest(f"id {int(i)} is not in the index", field="ids") from None
         return out
+
+    def export(self, chunk: int = 20_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Every (ids, vectors) pair in chunks, each chunk read under the read
+        lock; ids removed while the export runs are skipped. Vectors of the
+        ivfsq8 kind are its 8-bit reconstructions."""
+        all_ids = self.ids()
+        for start in range(0, all_ids.size, chunk):
+            part = all_ids[start : start + chunk]
+            with self._lock.read():
+                try:
+                    vecs = self._index.reconstruct_batch(part)
+                except RuntimeError:  # some id went away: take the ones still here
+                    keep, rows = [], []
+                    for i in part.tolist():
+                        try:
+                            rows.append(self._index.reconstruct(i))
+                        except RuntimeError:
+                            continue
+                        keep.append(i)
+                    part = np.array(keep, dtype=np.int64)
+                    vecs = np.stack(rows) if rows else np.empty((0, self.dim), np.float32)
+            if part.size:
+                yield part, np.asarray(vecs, dtype=np.float32).reshape(-1, self.dim)
+
+    def nbytes(self) -> int:
+        """Estimated memory of the index: vectors or codes, ids, centroids and
+        the id lookup (faiss's hash-table direct map, ~40 bytes per id)."""
+        n = len(self)
+        if self.kind == "flat":
+            return n * (4 * self.dim + 8)
+        code = self._index.code_size
+        return n * (code + 8 + 40) + self.nlist * 4 * self.dim
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` per query: ``(scores (m,k) float32, ids (m,k) int64)``, best first.
@@ -391,7 +435,9 @@ class CollectionIndex:
             index = faiss.deserialize_index(np.frombuffer(payload, dtype=np.uint8))
         except Exception as exc:  # FAISS raises RuntimeError on malformed bytes
             raise IndexCorrupt(f"index snapshot payload does not deserialise: {exc}") from None
-        expected = faiss.IndexIDMap2 if header["kind"] == "flat" else faiss.IndexIVFFlat
+        expected = {
+            "flat": faiss.IndexIDMap2, "ivf": faiss.IndexIVFFlat, "ivfsq8": faiss.IndexIVFScalarQuantizer,
+        }[header["kind"]]
         if not isinstance(index, expected):
             raise IndexCorrupt(
                 f"index snapshot holds a {type(index).__name__}, expected {expected.__name__}"
@@ -399,7 +445,7 @@ class CollectionIndex:
         metric = faiss.METRIC_INNER_PRODUCT if header["metric"] == "ip" else faiss.METRIC_L2
         if index.d != header["dim"] or index.metric_type != metric or index.ntotal != header["ntotal"]:
             raise IndexCorrupt("index snapshot payload disagrees with its header (dim/metric/ntotal)")
-        if header["kind"] == "ivf":
+        if header["kind"] in IVF_KINDS:
             if index.nlist != header["nlist"]:
                 raise IndexCorrupt("index snapshot payload disagrees with its header (nlist)")
             if index.direct_map.type != faiss.DirectMap.Hashtable:
@@ -412,6 +458,6 @@ class CollectionIndex:
         obj._nprobe = header["nprobe"]
         obj._lock = _RWLock()
         obj._index = index
-        if obj.kind == "ivf":
+        if obj.kind in IVF_KINDS:
             index.nprobe = min(obj._nprobe, obj.nlist)
         return obj, header["seq"]

@@ -18,6 +18,7 @@ from typing import Any
 
 from ray import serve
 
+from index.policy import IndexPolicy
 from serve_app.gallery.gallery_index import GalleryIndex
 from serve_app.gallery.index_snapshots import SnapshotStore
 from serve_app.gallery.objects import ObjectStore
@@ -49,11 +50,19 @@ class Matcher:
             " (full load)" if report.full_load else "", report.replayed,
         )
         self._snapshot_task: asyncio.Task[list[str]] | None = None
+        self._rebuild_task: asyncio.Task[Any] | None = None
         self._follower = asyncio.get_running_loop().create_task(self._follow())
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         self._interval = float(config.get("sync_interval_s", 1.0))
         self._gallery.snapshot_every = int(config.get("snapshot_every", 1000))
+        self._gallery.set_policy(
+            IndexPolicy(
+                exact_max=int(config.get("exact_max_faces", 50_000)),
+                memory_budget_bytes=int(float(config.get("index_memory_budget_mb", 4096)) * (1 << 20)),
+                target_recall=float(config.get("target_recall", 0.99)),
+            )
+        )
 
     async def _follow(self) -> None:
         while True:
@@ -66,6 +75,11 @@ class Matcher:
             # never delays following the log, and only one runs at a time.
             if (self._snapshot_task is None or self._snapshot_task.done()) and self._gallery.snapshot_due():
                 self._snapshot_task = asyncio.get_running_loop().create_task(self._gallery.write_snapshots())
+            # Index rebuilds (a collection outgrew exact search, or its IVF
+            # needs retraining) run in a thread; searches use the old index
+            # until the new one is swapped in.
+            if (self._rebuild_task is None or self._rebuild_task.done()) and self._gallery.rebuild_due():
+                self._rebuild_task = asyncio.get_running_loop().create_task(self._gallery.rebuild_indexes())
 
     async def sync(self) -> int:
         return await self._gallery.sync()

@@ -8,6 +8,12 @@ snapshots at all), then replays the log from the oldest position it holds,
 skipping per collection what that collection's snapshot already reflects.
 It writes snapshots of collections with `snapshot_every` changes not yet in
 any snapshot; the Matcher deployment runs that in the background.
+
+Each collection's index follows its size (index.policy): exact search while
+small, IVF above `exact_max`, 8-bit IVF beyond the memory budget. A collection
+that outgrows its index is rebuilt in a worker thread while the log is still
+applied, then swapped in (index.adaptive); the Matcher runs that in the
+background too.
 """
 from __future__ import annotations
 
@@ -20,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from index.collection_index import CollectionIndex
+from index.adaptive import AdaptiveIndex
+from index.policy import BuildReport, IndexPolicy
 from serve_app.messages import Hit
 
 from .index_snapshots import Anchor, CollectionSnapshot, SnapshotStore, encode
@@ -50,11 +57,13 @@ class GalleryIndex:
         *,
         snapshot_every: int = 1000,
         retry_s: float = 30.0,
+        policy: IndexPolicy | None = None,
     ) -> None:
         self.repo = repo
         self.snapshots = snapshots
         self.snapshot_every = snapshot_every  # 0: never write snapshots
-        self.indexes: dict[int, CollectionIndex] = {}
+        self.policy = policy or IndexPolicy()
+        self.indexes: dict[int, AdaptiveIndex] = {}
         self.subject_of: dict[int, uuid.UUID] = {}
         self.seq = 0
         # Changes applied per collection that no snapshot covers yet.
@@ -96,7 +105,7 @@ class GalleryIndex:
             snap = await self._restore(collections[cid], seqs, entries)
             if snap is None:
                 continue
-            self.indexes[cid] = snap.index
+            self.indexes[cid] = AdaptiveIndex.wrap(snap.index, self.policy)
             self.subject_of.update(snap.subject_of)
             loaded[cid] = self.snapshot_seq[cid] = report.from_snapshot[cid] = snap.seq
         for cid in collections:
@@ -197,7 +206,7 @@ class GalleryIndex:
             first = next(iter(vecs.values()))
             index = self.indexes.get(cid)
             if index is None:
-                index = self.indexes[cid] = CollectionIndex(dim=first.shape[0])
+                index = self.indexes[cid] = AdaptiveIndex(first.shape[0], self.policy)
             index.add(np.fromiter(vecs.keys(), np.int64, len(vecs)), np.stack(list(vecs.values())))
 
     # ------------------------------------------------------------ searching
@@ -262,17 +271,59 @@ class GalleryIndex:
             counted = self.pending.get(cid, 0)
             # Under the lock (no apply can interleave) but off the event loop;
             # searches only need the index's read lock, which this shares.
-            blob = await asyncio.to_thread(encode, cid, seq, anchor, self.indexes[cid], self.subject_of)
+            blob = await asyncio.to_thread(encode, cid, seq, anchor, self.indexes[cid].current, self.subject_of)
         key = await asyncio.to_thread(self.snapshots.write_blob, cid, seq, blob)
         self.pending[cid] = self.pending.get(cid, 0) - counted
         self.snapshot_seq[cid] = seq
         log.info("wrote index snapshot %s (%d bytes)", key, len(blob))
         return key
 
+    # ------------------------------------------------------------- rebuilds
+    def set_policy(self, policy: IndexPolicy) -> None:
+        """A new policy applies to every index; the next rebuild_due() says
+        which of them it asks to rebuild."""
+        self.policy = policy
+        for index in self.indexes.values():
+            index.policy = policy
+
+    def rebuild_due(self) -> list[int]:
+        return [c for c, ix in self.indexes.items() if not ix.rebuilding and ix.rebuild_reason()]
+
+    async def rebuild_indexes(self) -> dict[int, BuildReport]:
+        """Rebuild every collection whose index no longer fits its size, one
+        at a time in a worker thread; the log keeps being applied and
+        searches keep being served meanwhile. A failure is logged and leaves
+        the old index serving."""
+        done: dict[int, BuildReport] = {}
+        for cid in self.rebuild_due():
+            index = self.indexes.get(cid)
+            if index is None:
+                continue
+            reason = index.rebuild_reason()
+            try:
+                report = await asyncio.to_thread(index.rebuild)
+            except Exception:
+                log.exception("rebuilding the index of collection %s failed (%s)", cid, reason)
+                continue
+            log.info(
+                "rebuilt collection %s (%s): %s, %d vectors, nlist %d, nprobe %d, recall@1 %.3f, "
+                "train %.1fs, add %.1fs, calibrate %.1fs",
+                cid, reason, report.kind, report.n, report.nlist, report.nprobe, report.recall_at_1,
+                report.train_s, report.add_s, report.calibrate_s,
+            )
+            # A restart should find the new kind in a snapshot, not rebuild again.
+            self.pending[cid] = max(self.pending.get(cid, 0), self.snapshot_every)
+            done[cid] = report
+        return done
+
     def stats(self) -> dict[str, Any]:
         return {
             "seq": self.seq,
             "faces": {cid: len(ix) for cid, ix in self.indexes.items()},
+            "index": {
+                cid: {"kind": ix.kind, "nprobe": ix.nprobe, "bytes": ix.nbytes()}
+                for cid, ix in self.indexes.items()
+            },
             "snapshot_seq": dict(self.snapshot_seq),
             "changes_since_snapshot": dict(self.pending),
         }

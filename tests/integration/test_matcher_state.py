@@ -174,3 +174,39 @@ async def test_load_time_snapshot_vs_postgres(repo: GalleryRepository, store: Sn
     assert report.from_snapshot == {col.id: full.seq}
     _assert_same(snap, full, {col.id: 128})
     print(f"\n{n_subjects * per} faces x 128-d: load_all {t_full:.3f}s, snapshot {t_snap:.3f}s")
+
+
+async def test_rebuild_by_size_then_snapshot_keeps_the_kind(repo: GalleryRepository, store: SnapshotStore) -> None:
+    from index.policy import IndexPolicy
+
+    rng = np.random.default_rng(5)
+    big = await repo.ensure_collection("big", "test", DIM)
+    small = await repo.ensure_collection("small", "test", DIM)
+    await _enrol(repo, big, rng, subjects=40, faces=3)
+    await _enrol(repo, small, rng, subjects=5, faces=1)
+    policy = IndexPolicy(exact_max=60, calibration_queries=50)
+    g = GalleryIndex(repo, store, snapshot_every=1000, policy=policy)
+    await g.load()
+    exact = GalleryIndex(repo, None)
+    await exact.load()
+    assert g.rebuild_due() == [big.id]
+    reports = await g.rebuild_indexes()
+    assert list(reports) == [big.id] and reports[big.id].kind == "ivf"
+    assert g.indexes[big.id].kind == "ivf" and g.indexes[small.id].kind == "flat"
+    assert g.rebuild_due() == []
+    # Changes after the swap land in the new index; removed faces never come back.
+    await _enrol(repo, big, rng, subjects=2, faces=2)
+    gone = next(iter(g.subject_of))
+    subject = g.subject_of[gone]
+    await repo.delete_subject(big, subject)
+    await g.sync()
+    await exact.sync()
+    _assert_same(g, exact, {big.id: DIM, small.id: DIM})
+    assert subject not in set(g.subject_of.values())
+    # The rebuilt kind is due for a snapshot, and a restart restores it.
+    assert big.id in g.snapshot_due()
+    await g.write_snapshots()
+    again = GalleryIndex(repo, store, policy=policy)
+    report = await again.load()
+    assert big.id in report.from_snapshot and again.indexes[big.id].kind == "ivf"
+    _assert_same(again, exact, {big.id: DIM, small.id: DIM})

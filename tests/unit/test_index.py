@@ -210,7 +210,7 @@ def test_concurrent_search_and_mutation(rng):
 
 
 # ----------------------------------------------------------- snapshot/restore
-@pytest.mark.parametrize("kind", ["flat", "ivf"])
+@pytest.mark.parametrize("kind", ["flat", "ivf", "ivfsq8"])
 def test_snapshot_restore_round_trip(kind, rng):
     centres = rng.standard_normal((20, DIM))
     x = clustered_vectors(rng, 1200, DIM, centres)
