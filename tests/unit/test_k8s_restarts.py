@@ -53,3 +53,13 @@ def test_installed_ray_serve_reads_that_variable():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                          text=True, timeout=120, check=True)
     assert out.stdout.strip() == "7"
+
+
+def test_serve_replicas_take_no_max_restarts():
+    """Ray's max_restarts is not a Serve deployment option: Serve replaces
+    failed replicas itself, so serveConfigV2 has no restart count to set
+    (docs/DEPLOY.md, "Restart limits")."""
+    from ray.serve._private.config import ReplicaConfig
+
+    with pytest.raises(ValueError, match="max_restarts"):
+        ReplicaConfig.create(lambda: None, ray_actor_options={"max_restarts": 3})
