@@ -163,7 +163,7 @@ class WorkingImage:
         sx1, sy1 = max(0, int(sx1)), max(0, int(sy1))
         sx2, sy2 = min(sw, int(np.ceil(sx2))), min(sh, int(np.ceil(sy2)))
         try:
-            img = vips.Image.new_from_buffer(self.source, "", access="sequential")
+            img = vips.Image.new_from_buffer(self.source, "", access="sequential", fail_on="truncated")
             crop = _vips_to_rgb(img.crop(sx1, sy1, sx2 - sx1, sy2 - sy1))
         except vips.Error as exc:
             raise ImageUnreadable(f"{self.format} image could not be read: {exc}".strip()) from exc
@@ -227,7 +227,9 @@ def _decode_streaming(data: bytes, fmt: str, max_side: int, orientation: int,
                       stored: tuple[int, int], oriented: tuple[int, int]) -> WorkingImage:
     vips = _vips()
     try:
-        thumb = vips.Image.thumbnail_buffer(data, max_side, height=max_side, size="down")
+        # fail_on: a truncated file is an error, not a half-grey picture.
+        thumb = vips.Image.thumbnail_buffer(data, max_side, height=max_side, size="down",
+                                            option_string="[fail_on=truncated]")
         pixels = _vips_to_rgb(thumb)
     except vips.Error as exc:
         raise ImageUnreadable(f"{fmt} image is truncated or corrupt: {str(exc).strip()[:200]}",
@@ -242,7 +244,16 @@ def _decode_streaming(data: bytes, fmt: str, max_side: int, orientation: int,
 
 def _orientation(im: Image.Image) -> int:
     try:
-        value = int(im.getexif().get(0x0112, 1))
+        if im.format == "PNG":
+            # PngImageFile.getexif() decodes the whole image to look for an
+            # eXIf chunk after the pixels; only read one that came before them.
+            raw = im.info.get("exif")
+            exif = Image.Exif()
+            if raw:
+                exif.load(raw)
+        else:
+            exif = im.getexif()
+        value = int(exif.get(0x0112, 1))
     except Exception:  # a mangled EXIF block: treat as upright, as decode_image does
         return 1
     return value if 1 <= value <= 8 else 1

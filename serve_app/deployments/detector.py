@@ -3,23 +3,20 @@
 It decodes each upload already reduced to the working size (JPEG draft,
 streamed shrink for big non-JPEGs; models/working_image.py), finds the
 faces there, and cuts what later stages need from the best pixels it has
-(serve_app/face_crops.py): aligned 112x112 crops, liveness context crops,
+(serve_app.detection_path.py): aligned 112x112 crops, liveness context crops,
 enrolment JPEGs. Only those crops leave this replica.
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 from ray import serve
 
-from models.detection import DetectedFace, make_detector
-from models.working_image import decode_working
+from models.detection import make_detector
 from serve_app.deployment_config import DetectorConfig
-from serve_app.face_crops import ALIGNED_SIZE, cut_face
-from serve_app.messages import DetectionResult, DetectRequest, FaceInfo
+from serve_app.detection_path import run_detection
+from serve_app.messages import DetectionResult, DetectRequest
 from serve_app.metrics import ServiceMetrics
 from serve_app.settings import Settings
 from serve_app.stage import BatchedStage, model_threads
@@ -78,45 +75,10 @@ class Detector:
         return out
 
     def _run_one(self, request: DetectRequest) -> DetectionResult:
-        cfg = self._config
-        t0 = time.perf_counter()
-        work = decode_working(request.data, max_side=cfg.max_side, max_bytes=cfg.max_image_bytes,
-                              max_pixels=cfg.max_image_pixels, full_decode_bytes=cfg.full_decode_bytes)
-        t1 = time.perf_counter()
-        found = self._detector.detect(work.pixels)
-        t2 = time.perf_counter()
-        inv = 1.0 / work.scale
-        faces = [
-            DetectedFace(tuple(float(v) * inv for v in f.box), f.landmarks * np.float32(inv), f.score)  # type: ignore[arg-type]
-            for f in found
-        ]
-        opts = request.options
-        crops = [cut_face(work, f, liveness=opts.liveness_crops, enrol=opts.enrol_crops) for f in faces]
-        t3 = time.perf_counter()
-        self._metrics.faces_per_image.observe(len(faces))
-        self._metrics.observe_stages({"decode": (t1 - t0) * 1000.0})
-        aligned = (np.stack([c.aligned for c in crops]) if crops
-                   else np.zeros((0, ALIGNED_SIZE, ALIGNED_SIZE, 3), np.uint8))
-        liveness = None
-        if opts.liveness_crops:
-            from models.liveness import LIVENESS_SPECS
-
-            liveness = {
-                s.scale: (np.stack([c.liveness[s.scale] for c in crops if c.liveness]) if crops
-                          else np.zeros((0, 80, 80, 3), np.uint8))
-                for s in LIVENESS_SPECS
-            }
-        return DetectionResult(
-            faces=[FaceInfo(f.box, f.landmarks, float(f.score)) for f in faces],
-            aligned=aligned,
-            liveness_crops=liveness,
-            enrol_crops=[c.enrol_jpeg for c in crops if c.enrol_jpeg is not None] if opts.enrol_crops else None,
-            image_size=work.original_size,
-            image_format=work.format,
-            timings_ms={"decode": (t1 - t0) * 1000.0, "detect": (t2 - t1) * 1000.0,
-                        "align": (t3 - t2) * 1000.0},
-            trace=request.trace,
-        )
+        result = run_detection(self._detector, request.data, self._config, request.options, request.trace)
+        self._metrics.faces_per_image.observe(len(result))
+        self._metrics.observe_stages({"decode": result.timings_ms["decode"]})
+        return result
 
     def ready(self) -> bool:
         return self._detector is not None

@@ -1,4 +1,7 @@
-"""Everything the detector cuts around a face, from the best pixels it has.
+"""The detector's per-image path, and everything it cuts around a face.
+
+run_detection() is what the Detector deployment runs for each upload:
+reduced decode, detection on the working image, crops from the best pixels.
 
 The working image (long side <= max_side) is enough for faces that are
 large in it. A face that came out small is re-read at full resolution, but
@@ -9,15 +12,18 @@ upload. Pure functions, no Ray: unit-tested directly.
 from __future__ import annotations
 
 import io
+import time
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
 from models.alignment import align_face
-from models.detection import DetectedFace
+from models.detection import DetectedFace, FaceDetector
 from models.liveness import LIVENESS_SPECS, liveness_crop
-from models.working_image import WorkingImage
+from models.working_image import WorkingImage, decode_working
+from serve_app.deployment_config import DetectorConfig
+from serve_app.messages import DetectionResult, DetectOptions, FaceInfo
 
 ALIGNED_SIZE = 112
 LIVENESS_SIZE = 80
@@ -81,3 +87,41 @@ def _enrol_jpeg(pixels: np.ndarray, box: tuple[float, float, float, float]) -> b
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=90)
     return buf.getvalue()
+
+
+def run_detection(detector: FaceDetector, data: bytes, cfg: DetectorConfig, opts: DetectOptions,
+                  trace: dict[str, str] | None = None) -> DetectionResult:
+    """Compressed bytes -> faces (original coordinates) and their crops.
+
+    Peak memory: one image's reduced decode (at most cfg.full_decode_bytes
+    for a whole-image decode; libvips strips beyond that), the working image
+    (max_side^2 x 3 bytes) and one face region at a time (<= 16 MP x 3).
+    """
+    t0 = time.perf_counter()
+    work = decode_working(data, max_side=cfg.max_side, max_bytes=cfg.max_image_bytes,
+                          max_pixels=cfg.max_image_pixels, full_decode_bytes=cfg.full_decode_bytes)
+    t1 = time.perf_counter()
+    found = detector.detect(work.pixels)
+    t2 = time.perf_counter()
+    inv = 1.0 / work.scale
+    faces = [DetectedFace((f.box[0] * inv, f.box[1] * inv, f.box[2] * inv, f.box[3] * inv),
+                          f.landmarks * np.float32(inv), float(f.score)) for f in found]
+    crops = [cut_face(work, f, liveness=opts.liveness_crops, enrol=opts.enrol_crops) for f in faces]
+    t3 = time.perf_counter()
+    aligned = (np.stack([c.aligned for c in crops]) if crops
+               else np.zeros((0, ALIGNED_SIZE, ALIGNED_SIZE, 3), np.uint8))
+    live = None
+    if opts.liveness_crops:
+        live = {s.scale: (np.stack([c.liveness[s.scale] for c in crops if c.liveness]) if crops
+                          else np.zeros((0, LIVENESS_SIZE, LIVENESS_SIZE, 3), np.uint8))
+                for s in LIVENESS_SPECS}
+    return DetectionResult(
+        faces=[FaceInfo(f.box, f.landmarks, f.score) for f in faces],
+        aligned=aligned,
+        liveness_crops=live,
+        enrol_crops=[c.enrol_jpeg for c in crops if c.enrol_jpeg is not None] if opts.enrol_crops else None,
+        image_size=work.original_size,
+        image_format=work.format,
+        timings_ms={"decode": (t1 - t0) * 1000.0, "detect": (t2 - t1) * 1000.0, "align": (t3 - t2) * 1000.0},
+        trace=trace or {},
+    )
