@@ -34,8 +34,9 @@ class BatchedStage:
     """
 
     def __init__(self, name: str, metrics: ServiceMetrics, *, span: str | None = None) -> None:
+        """``span``: the per-request span's name; None when the work records its own."""
         self.name = name
-        self.span = span or name
+        self.span = span
         self._metrics = metrics
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
 
@@ -58,7 +59,7 @@ class BatchedStage:
                  **(attributes or {})}
         for item in batch:
             trace = getattr(item, "trace", None)
-            if trace:
+            if trace and self.span:
                 record_span(trace, self.span, n0, n1, attrs)
         return results, ms
 

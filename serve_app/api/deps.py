@@ -36,6 +36,7 @@ class Edge:
     api_key: bytes | None = None
     quota: QuotaPort | None = None
     ready: Callable[[], Any] | None = None
+    observe_stages: Callable[[dict[str, float]], None] | None = None  # stage-latency metric
     extras: dict[str, Any] = field(default_factory=dict)
 
     def policy(self, value: Any, *, enrol: bool = False) -> LivenessPolicy:
@@ -99,7 +100,10 @@ class ImageRequest:
 
 async def image_request(request: Request, edge: EdgeDep, _: Caller) -> ImageRequest:
     timer = StageTimer()
-    body = await parse_request(request, max_bytes=edge.config().max_image_bytes)
+    with timer.stage("read"):  # a slow upload shows here, not in the models' stages
+        body = await parse_request(request, max_bytes=edge.config().max_image_bytes)
+    if edge.observe_stages is not None:
+        edge.observe_stages({"read": timer.timings_ms["read"]})
     return ImageRequest(timer, body)
 
 

@@ -59,11 +59,13 @@ def liveness_out(result: LivenessResult | None, i: int) -> LivenessOut | None:
 
 
 def face_out(face: FaceInfo, liveness: LivenessResult | None = None, i: int = 0) -> FaceOut:
+    """``liveness`` is left unset (and out of the JSON) when it was not checked."""
+    live = liveness_out(liveness, i)
     return FaceOut(
         box=box_out(face.box),
         landmarks=[[round(float(x), 1), round(float(y), 1)] for x, y in face.landmarks],
         score=round(float(face.score), 4),
-        liveness=liveness_out(liveness, i),
+        **({"liveness": live} if live is not None else {}),
     )
 
 

@@ -20,6 +20,7 @@ from serve_app.messages import DetectionResult, DetectRequest
 from serve_app.metrics import ServiceMetrics
 from serve_app.settings import Settings
 from serve_app.stage import BatchedStage, model_threads
+from serve_app.telemetry import now_ns, record_span
 
 
 @serve.deployment(name="Detector", ray_actor_options={"num_cpus": 0.5, "memory": 1024**3})
@@ -31,7 +32,8 @@ class Detector:
         self._metrics = ServiceMetrics(settings.metrics_enabled)
         # One executor thread: decodes are serialised too, which bounds the
         # replica's decode memory to one image's worth (see ARCHITECTURE.md).
-        self._stage = BatchedStage("detect", self._metrics, span="Detector.detect")
+        # Spans are recorded per image in _run_one (decode/detect/align under the hop).
+        self._stage = BatchedStage("detect", self._metrics, span=None)
         self._config = DetectorConfig()
         self._detector = self._make(self._config)
         _limit_threads(self._threads)
@@ -75,13 +77,26 @@ class Detector:
         return out
 
     def _run_one(self, request: DetectRequest) -> DetectionResult:
+        n0 = now_ns()
         result = run_detection(self._detector, request.data, self._config, request.options, request.trace)
+        _record_spans(request.trace, n0, now_ns(), result)
         self._metrics.faces_per_image.observe(len(result))
         self._metrics.observe_stages({"decode": result.timings_ms["decode"]})
         return result
 
     def ready(self) -> bool:
         return self._detector is not None
+
+
+def _record_spans(trace: dict[str, str], n0: int, n1: int, result: DetectionResult) -> None:
+    if not trace:
+        return
+    hop = record_span(trace, "Detector.detect", n0, n1, {"faces": len(result), "format": result.image_format})
+    start = n0
+    for stage in ("decode", "detect", "align"):
+        end = start + int(result.timings_ms.get(stage, 0.0) * 1e6)
+        record_span(hop, stage, start, end)
+        start = end
 
 
 def _limit_threads(n: int) -> None:

@@ -66,6 +66,7 @@ class Ingress:
             api_key=settings.api_key.get_secret_value().encode() if settings.api_key else None,
             quota=RequestQuota(settings.redis_url) if settings.redis_url else None,
             ready=self._ready,
+            observe_stages=self._metrics.observe_stages,
         )
         self._gauges = asyncio.get_running_loop().create_task(self._update_gauges())
 

@@ -36,9 +36,10 @@ def enforce(policy: LivenessPolicy, result: LivenessResult | None, faces: list[i
     idx = range(len(result.scores)) if faces is None else faces
     spoofs = [i for i in idx if float(result.scores[i]) < result.threshold]
     if spoofs:
+        scores = [round(float(result.scores[i]), 4) for i in spoofs]
+        one = {"score": scores[0]} if faces is not None and len(faces) == 1 else {}
         raise SpoofDetected(
-            f"{len(spoofs)} face(s) judged not live (a photo or screen?); request refused",
-            faces=spoofs,
-            scores=[round(float(result.scores[i]), 4) for i in spoofs],
-            threshold=result.threshold,
+            f"{len(spoofs)} face(s) judged not live (a photo or screen?); request refused"
+            + ("; nothing was enrolled" if one else ""),
+            faces=spoofs, scores=scores, threshold=result.threshold, **one,
         )

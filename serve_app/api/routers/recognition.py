@@ -27,7 +27,8 @@ from serve_app.gallery.repository import parse_subject_id
 router = APIRouter(prefix="/v1", tags=["recognition"])
 
 
-@router.post("/detect", response_model=DetectResponse, openapi_extra=IMAGE_BODY, tags=["faces"])
+@router.post("/detect", response_model=DetectResponse, response_model_exclude_unset=True, openapi_extra=IMAGE_BODY,
+             tags=["faces"])
 async def detect(req: ImageReq, edge: EdgeDep) -> DetectResponse:
     body = req.body
     analysis = await edge.recognition.detect(body.image("image", "file"), req.timer,
@@ -76,7 +77,7 @@ async def verify(req: ImageReq, edge: EdgeDep) -> VerifyResponse:
                           timings_ms=req.timer.total(), **extra)
 
 
-@router.post("/identify", response_model=IdentifyResponse, openapi_extra=IMAGE_BODY)
+@router.post("/identify", response_model=IdentifyResponse, response_model_exclude_unset=True, openapi_extra=IMAGE_BODY)
 async def identify(req: ImageReq, edge: EdgeDep) -> IdentifyResponse:
     body, cfg = req.body, edge.config()
     col = await edge.gallery.collection(body.get("collection"))
@@ -90,7 +91,7 @@ async def identify(req: ImageReq, edge: EdgeDep) -> IdentifyResponse:
     for f in result.faces:
         base = face_out(a.detection.faces[f.index], a.liveness, f.index)
         faces.append(IdentifiedFaceOut(
-            **base.model_dump(),
+            **base.model_dump(exclude_unset=True),
             decision=f.decision,  # type: ignore[arg-type]
             subject=MatchedSubject(id=f.subject.subject_id, name=f.subject.name,
                                    similarity=round(f.subject.similarity, 4)) if f.subject else None,
