@@ -118,6 +118,20 @@ class ServiceMetrics:
             tag_keys=("code", "route"),
         )
 
+    @cached_property
+    def matcher_seq_behind(self) -> serve_metrics.Gauge:
+        return serve_metrics.Gauge(
+            "faceserve_matcher_seq_behind",
+            description="Change-log entries known to be committed that this matcher replica has not applied.",
+        )
+
+    @cached_property
+    def matcher_sync_age(self) -> serve_metrics.Gauge:
+        return serve_metrics.Gauge(
+            "faceserve_matcher_sync_age_seconds",
+            description="Seconds since this matcher replica's last sync that reached the end of the change log.",
+        )
+
     def observe_stages(self, timings_ms: dict[str, float]) -> None:
         for stage, ms in timings_ms.items():
             self.stage_latency.observe(float(ms), tags={"stage": stage})

@@ -2,11 +2,15 @@
 
 A replica restores the newest index snapshot of each collection from object
 storage, loads what has none from Postgres, replays the ordered change log
-from there, then follows it (polling every sync_interval_s, and at once when
-a caller asks for a sequence number it has not reached yet, which is how an
-enrolment's answer gives read-your-writes). Every `snapshot_every` changes
-to a collection it writes a new snapshot in the background
-(serve_app/gallery/gallery_index.py holds that logic, testable without Ray).
+from there, then follows it: LISTEN/NOTIFY wakes it on every commit, a poll
+every `sync_interval_s` covers a lost listener, and a caller asking for a
+sequence number not reached yet makes it sync at once (read-your-writes).
+It writes snapshots every `snapshot_every` changes and rebuilds indexes that
+outgrew their kind, both in the background. Its lag (seq behind, seconds
+since the last good sync) is exported as metrics, and `check_health` fails
+once it is staler than `max_staleness_s`, so Serve stops routing to it and
+replaces it. serve_app/gallery/gallery_index.py holds the logic, testable
+without Ray.
 """
 from __future__ import annotations
 
@@ -16,10 +20,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import asyncpg
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from index.policy import IndexPolicy
-from serve_app.gallery.gallery_index import GalleryIndex
+from serve_app.errors import InvalidRequest, ServiceUnavailable
+from serve_app.gallery.gallery_index import GalleryIndex, LogFollower
 from serve_app.gallery.index_snapshots import SnapshotStore
 from serve_app.gallery.objects import ObjectStore
 from serve_app.gallery.repository import GalleryRepository, create_pool
@@ -30,13 +37,37 @@ from serve_app.telemetry import now_ns, record_span
 
 log = logging.getLogger("ray.serve")
 
+_LAG_REPORT_S = 5.0  # gauges are set on a timer: Ray drops a gauge ~20 s after its last set()
+
+
+class MatcherConfig(BaseModel):
+    """The Matcher's user_config (unknown keys fail the deploy)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Poll period of the change log; NOTIFY wakes the replica sooner.
+    sync_interval_s: float = Field(1.0, gt=0.0, le=60.0)
+    # Write a collection's snapshot once this many changes are in none; 0 = never.
+    snapshot_every: int = Field(1000, ge=0)
+    # check_health fails when no sync reached the log's end for this long.
+    max_staleness_s: float = Field(30.0, gt=0.0)
+    # How long a search waits for min_seq before answering 503.
+    min_seq_timeout_s: float = Field(5.0, gt=0.0, le=60.0)
+    # Index by size (index/policy.py): exact search up to this many faces per collection...
+    exact_max_faces: int = Field(50_000, ge=1)
+    # ...IVF-flat above it while it fits this budget per collection, IVF-SQ8 beyond.
+    index_memory_budget_mb: float = Field(4096.0, gt=0.0)
+    # recall@1 against exact search that IVF's nprobe is calibrated to.
+    target_recall: float = Field(0.99, gt=0.0, le=1.0)
+
 
 @serve.deployment(name="Matcher", ray_actor_options={"num_cpus": 0.2})
 class Matcher:
     async def __init__(self, settings: Settings) -> None:
         settings.setup_telemetry("Matcher")
-        pool = await create_pool(settings.database_dsn(), min_size=1, max_size=3)
-        self._interval = 1.0
+        dsn = settings.database_dsn()
+        pool = await create_pool(dsn, min_size=1, max_size=3)
+        self._config = MatcherConfig()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="search")
         self._metrics = ServiceMetrics(settings.metrics_enabled)
         self._gallery = GalleryIndex(
@@ -51,45 +82,74 @@ class Matcher:
         )
         self._snapshot_task: asyncio.Task[list[str]] | None = None
         self._rebuild_task: asyncio.Task[Any] | None = None
-        self._follower = asyncio.get_running_loop().create_task(self._follow())
+        self._follower = LogFollower(
+            self._gallery,
+            interval_s=self._config.sync_interval_s,
+            listen_connect=lambda: asyncpg.connect(dsn),
+            after_sync=self._background_work,
+        )
+        loop = asyncio.get_running_loop()
+        self._follow_task = loop.create_task(self._follower.run())
+        self._lag_task = loop.create_task(self._report_lag())
 
     def reconfigure(self, config: dict[str, Any]) -> None:
-        self._interval = float(config.get("sync_interval_s", 1.0))
-        self._gallery.snapshot_every = int(config.get("snapshot_every", 1000))
+        cfg = MatcherConfig(**(config or {}))
+        self._config = cfg
+        self._follower.interval_s = cfg.sync_interval_s
+        self._gallery.snapshot_every = cfg.snapshot_every
         self._gallery.set_policy(
             IndexPolicy(
-                exact_max=int(config.get("exact_max_faces", 50_000)),
-                memory_budget_bytes=int(float(config.get("index_memory_budget_mb", 4096)) * (1 << 20)),
-                target_recall=float(config.get("target_recall", 0.99)),
+                exact_max=cfg.exact_max_faces,
+                memory_budget_bytes=int(cfg.index_memory_budget_mb * (1 << 20)),
+                target_recall=cfg.target_recall,
             )
         )
 
-    async def _follow(self) -> None:
+    def _background_work(self) -> None:
+        loop = asyncio.get_running_loop()
+        # Snapshots are written by a task of their own: a slow upload
+        # never delays following the log, and only one runs at a time.
+        if (self._snapshot_task is None or self._snapshot_task.done()) and self._gallery.snapshot_due():
+            self._snapshot_task = loop.create_task(self._gallery.write_snapshots())
+        # Index rebuilds (a collection outgrew exact search, or its IVF needs
+        # retraining) run in a thread; searches use the old index until the
+        # new one is swapped in.
+        if (self._rebuild_task is None or self._rebuild_task.done()) and self._gallery.rebuild_due():
+            self._rebuild_task = loop.create_task(self._gallery.rebuild_indexes())
+
+    async def _report_lag(self) -> None:
         while True:
-            await asyncio.sleep(self._interval)
-            try:
-                await self.sync()
-            except Exception:  # a DB blip must not kill the follower; retry next tick
-                log.exception("matcher: change-log sync failed")
-            # Snapshots are written by a task of their own: a slow upload
-            # never delays following the log, and only one runs at a time.
-            if (self._snapshot_task is None or self._snapshot_task.done()) and self._gallery.snapshot_due():
-                self._snapshot_task = asyncio.get_running_loop().create_task(self._gallery.write_snapshots())
-            # Index rebuilds (a collection outgrew exact search, or its IVF
-            # needs retraining) run in a thread; searches use the old index
-            # until the new one is swapped in.
-            if (self._rebuild_task is None or self._rebuild_task.done()) and self._gallery.rebuild_due():
-                self._rebuild_task = asyncio.get_running_loop().create_task(self._gallery.rebuild_indexes())
+            lag = self._gallery.lag()
+            self._metrics.matcher_seq_behind.set(float(lag.seq_behind))
+            # A replica that never synced reports a large finite age, not inf.
+            self._metrics.matcher_sync_age.set(min(lag.sync_age_s, 1e9))
+            await asyncio.sleep(_LAG_REPORT_S)
 
     async def sync(self) -> int:
         return await self._gallery.sync()
+
+    async def _reach(self, min_seq: int) -> None:
+        """Sync until min_seq is applied: 400 if min_seq was never committed,
+        503 if the log cannot be read in time. Never a stale answer."""
+        try:
+            await asyncio.wait_for(self._gallery.sync(), timeout=self._config.min_seq_timeout_s)
+        except (asyncio.TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise ServiceUnavailable(
+                f"could not reach min_seq {min_seq} (at {self._gallery.seq}): {type(exc).__name__}",
+                retry_after_s=2, min_seq=min_seq, seq=self._gallery.seq,
+            ) from None
+        if min_seq > self._gallery.seq:  # a sync just read to the log's end
+            raise InvalidRequest(
+                f"min_seq {min_seq} is beyond the latest committed change ({self._gallery.seq})",
+                field="min_seq", latest_seq=self._gallery.seq,
+            )
 
     async def search(
         self, embeddings: EmbeddingResult, collection_id: int, k: int, min_seq: int = 0
     ) -> MatchResult:
         n0, t0 = now_ns(), time.perf_counter()
         if min_seq > self._gallery.seq:
-            await self.sync()
+            await self._reach(min_seq)
         seq = self._gallery.seq  # read first: the search reflects at least this
         loop = asyncio.get_running_loop()
         hits = await loop.run_in_executor(
@@ -104,7 +164,20 @@ class Matcher:
         return MatchResult(hits=hits, seq=seq, timings_ms={"search": round(ms, 3)})
 
     def stats(self) -> dict[str, Any]:
-        return self._gallery.stats()
+        lag = self._gallery.lag()
+        return {
+            **self._gallery.stats(),
+            "seq_behind": lag.seq_behind,
+            "sync_age_s": lag.sync_age_s,
+            "listening": self._follower.listening,
+            "reloads": self._gallery.reloads,
+        }
 
     def ready(self) -> bool:
-        return not self._follower.done()
+        return not self._follow_task.done()
+
+    def check_health(self) -> None:
+        """Serve calls this periodically; raising marks the replica unhealthy."""
+        if self._follow_task.done():
+            raise RuntimeError("the change-log follower has stopped")
+        self._gallery.check_fresh(self._config.max_staleness_s)

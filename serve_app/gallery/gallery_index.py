@@ -14,6 +14,15 @@ small, IVF above `exact_max`, 8-bit IVF beyond the memory budget. A collection
 that outgrows its index is rebuilt in a worker thread while the log is still
 applied, then swapped in (index.adaptive); the Matcher runs that in the
 background too.
+
+Freshness: `LogFollower` wakes on Postgres NOTIFYs (the repository sends one
+in the transaction of every change-log append) and polls every interval as
+well, so a lost listener only costs latency. Every sync first checks the log
+is still the one this replica applied: a log that ends below the seq held
+(a failover to a lagging replica, a point-in-time restore) or whose entry at
+that seq differs (rewritten since) makes the replica reload from scratch.
+`lag()` gives seq behind and seconds since the last good sync, which the
+Matcher exports and its health check bounds.
 """
 from __future__ import annotations
 
@@ -21,6 +30,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,11 +41,22 @@ from index.policy import BuildReport, IndexPolicy
 from serve_app.messages import Hit
 
 from .index_snapshots import Anchor, CollectionSnapshot, SnapshotStore, encode
-from .repository import Change, Collection, GalleryRepository
+from .repository import CHANGES_CHANNEL, Change, Collection, GalleryRepository
 
 log = logging.getLogger(__name__)
 
 _BATCH = 5000
+
+
+class StaleIndex(RuntimeError):
+    """The replica has not synced with the change log for too long."""
+
+
+@dataclass(frozen=True)
+class Lag:
+    seq_behind: int  # newest seq known to exist minus the seq applied
+    sync_age_s: float  # seconds since the last sync that reached the log's end
+    db_seq: int  # newest seq known to exist (last good check or NOTIFY)
 
 
 @dataclass
@@ -74,12 +95,23 @@ class GalleryIndex:
         self.lock = asyncio.Lock()
         self._retry_s = retry_s
         self._retry_at = 0.0
+        # Freshness: the log entry at self.seq as applied (to notice a
+        # rewritten log), the newest seq known to exist, and when a sync
+        # last reached the end of the log.
+        self.anchor: Anchor | None = None
+        self.db_seq = 0
+        self.clock: Callable[[], float] = time.monotonic
+        self.last_sync: float | None = None
+        self.reloads = 0
 
     # ------------------------------------------------------------- loading
     async def load(self) -> LoadReport:
         t0 = time.perf_counter()
         async with self.lock:
             report = await self._load()
+            self.anchor = (await self.repo.log_entries([self.seq])).get(self.seq) if self.seq else None
+            self.db_seq = max(self.db_seq, self.seq)
+            self.last_sync = self.clock()
         report.seq = self.seq
         report.faces = len(self.subject_of)
         report.seconds = time.perf_counter() - t0
@@ -157,9 +189,62 @@ class GalleryIndex:
 
     # ------------------------------------------------------------ following
     async def sync(self) -> int:
+        """Reach the end of the log (reloading first if the log is not the
+        one applied); raises whatever the database raises."""
         async with self.lock:
+            reason = await self._log_changed()
+            if reason is not None:
+                log.warning("change log rewound or rewritten (%s): reloading the gallery from scratch", reason)
+                await self._reload()
             await self._catch_up()
+            self.db_seq = max(self.db_seq, self.seq)
+            self.last_sync = self.clock()
         return self.seq
+
+    async def _log_changed(self) -> str | None:
+        latest = await self.repo.latest_seq()
+        if latest < self.seq:
+            self.db_seq = latest
+            return f"the log ends at seq {latest}, this replica holds {self.seq}"
+        self.db_seq = max(self.db_seq, latest)
+        if self.seq:
+            entry = (await self.repo.log_entries([self.seq])).get(self.seq)
+            if entry != self.anchor:
+                return f"the entry at seq {self.seq} is {entry}, this replica applied {self.anchor}"
+        return None
+
+    async def _reload(self) -> None:
+        """Load everything again into a fresh state, then swap it in: searches
+        go on against the old state until then."""
+        fresh = GalleryIndex(
+            self.repo, self.snapshots, snapshot_every=self.snapshot_every, retry_s=self._retry_s,
+            policy=self.policy,
+        )
+        fresh.clock = self.clock
+        report = await fresh.load()
+        self.indexes, self.subject_of = fresh.indexes, fresh.subject_of
+        self.pending, self.snapshot_seq = fresh.pending, fresh.snapshot_seq
+        self.seq, self.anchor, self.db_seq = fresh.seq, fresh.anchor, fresh.db_seq
+        self.reloads += 1
+        log.warning("reloaded %d faces at seq %d in %.2fs", report.faces, report.seq, report.seconds)
+
+    def observe_seq(self, seq: int) -> None:
+        """A seq known to be committed (a NOTIFY): counts toward lag()."""
+        self.db_seq = max(self.db_seq, seq)
+
+    def lag(self) -> Lag:
+        age = float("inf") if self.last_sync is None else max(0.0, self.clock() - self.last_sync)
+        return Lag(max(0, self.db_seq - self.seq), age, self.db_seq)
+
+    def check_fresh(self, max_staleness_s: float) -> None:
+        """Raise StaleIndex when no sync has reached the log's end for longer
+        than max_staleness_s (Postgres unreachable, apply failing)."""
+        lag = self.lag()
+        if lag.sync_age_s > max_staleness_s:
+            raise StaleIndex(
+                f"no good sync with the change log for {lag.sync_age_s:.1f}s (bound {max_staleness_s}s); "
+                f"at seq {self.seq}, {lag.seq_behind} known changes behind"
+            )
 
     async def _catch_up(self, skip: dict[int, int] | None = None) -> int:
         n = 0
@@ -168,7 +253,9 @@ class GalleryIndex:
             if not changes:
                 return n
             self.apply(changes, skip)
-            self.seq = changes[-1].seq
+            last = changes[-1]
+            self.seq = last.seq
+            self.anchor = (last.collection_id, last.op, last.face_id, str(last.subject_id))
             n += len(changes)
             if len(changes) < _BATCH:
                 return n
@@ -327,3 +414,91 @@ class GalleryIndex:
             "snapshot_seq": dict(self.snapshot_seq),
             "changes_since_snapshot": dict(self.pending),
         }
+
+
+class LogFollower:
+    """Keeps a GalleryIndex at the end of the log: LISTEN on a connection of
+    its own (``listen_connect``, optional) wakes it at once on a commit; a
+    poll every ``interval_s`` catches whatever a lost listener missed and
+    proves the database is still reachable. Sync errors are logged, never
+    raised: ``GalleryIndex.lag()`` shows them, and the health check acts."""
+
+    def __init__(
+        self,
+        gallery: GalleryIndex,
+        *,
+        interval_s: float = 1.0,
+        listen_connect: Callable[[], Awaitable[Any]] | None = None,
+        after_sync: Callable[[], None] | None = None,
+    ) -> None:
+        self.gallery = gallery
+        self.interval_s = interval_s
+        self._connect = listen_connect
+        self._after_sync = after_sync
+        self._conn: Any = None
+        self._wake = asyncio.Event()
+        self._retry_listen_at = 0.0
+        self.notifications = 0
+        self.sync_errors = 0
+
+    @property
+    def listening(self) -> bool:
+        return self._conn is not None and not self._conn.is_closed()
+
+    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        self.notifications += 1
+        try:
+            self.gallery.observe_seq(int(payload))
+        except ValueError:
+            pass
+        self._wake.set()
+
+    async def _ensure_listening(self) -> None:
+        if self._connect is None or self.listening or time.monotonic() < self._retry_listen_at:
+            return
+        await self._close()
+        try:
+            conn = await asyncio.wait_for(self._connect(), timeout=10)
+            await conn.add_listener(CHANGES_CHANNEL, self._on_notify)
+        except Exception as exc:  # polling still runs; try again later
+            log.warning("cannot LISTEN for change-log notices (%s); polling every %ss", exc, self.interval_s)
+            self._retry_listen_at = time.monotonic() + max(5.0, 5 * self.interval_s)
+            return
+        self._conn = conn
+        self._wake.set()  # sync once: changes committed before LISTEN sent no notice here
+
+    async def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            try:
+                await asyncio.wait_for(conn.close(), timeout=2)
+            except Exception:
+                conn.terminate()
+
+    async def step(self) -> bool:
+        """One round: (re)listen, wait for a notice or the interval, sync.
+        True when the sync succeeded."""
+        await self._ensure_listening()
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout=self.interval_s)
+        except asyncio.TimeoutError:
+            pass
+        self._wake.clear()
+        try:
+            await self.gallery.sync()
+            ok = True
+        except Exception:
+            self.sync_errors += 1
+            log.exception("change-log sync failed; retrying")
+            await self._close()  # the listener's connection is likely gone too
+            ok = False
+        if self._after_sync is not None:
+            self._after_sync()
+        return ok
+
+    async def run(self) -> None:
+        try:
+            while True:
+                await self.step()
+        finally:
+            await self._close()

@@ -25,6 +25,15 @@ from .migrations import migrate
 _CHANGELOG_LOCK = 0x4C4F47  # "LOG"
 
 
+# Matcher replicas LISTEN here; every change-log append NOTIFYs its seq in
+# the same transaction, so the notice arrives only once the change commits.
+CHANGES_CHANNEL = "faceserve_changes"
+
+
+async def _notify_change(conn: asyncpg.Connection, seq: int) -> None:
+    await conn.execute("SELECT pg_notify($1, $2)", CHANGES_CHANNEL, str(seq))
+
+
 async def _lock_changelog(conn: asyncpg.Connection) -> None:
     await conn.execute("SELECT pg_advisory_xact_lock($1)", _CHANGELOG_LOCK)
 
@@ -329,6 +338,7 @@ class GalleryRepository:
                 "VALUES ($1, 'add', $2, $3) RETURNING seq",
                 collection.id, row["id"], subject_id,
             )
+            await _notify_change(conn, seq)
             await conn.execute("UPDATE subjects SET updated_at = now() WHERE id = $1", subject_id)
         return FaceRecord(**dict(row)), seq
 
@@ -386,7 +396,9 @@ class GalleryRepository:
             "SELECT $1, 'remove', f, $2 FROM unnest($3::bigint[]) AS f RETURNING seq",
             collection_id, subject_id, face_ids,
         )
-        return max(r["seq"] for r in rows)
+        seq = max(r["seq"] for r in rows)
+        await _notify_change(conn, seq)
+        return seq
 
     async def subject_names(self, subject_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
         if not subject_ids:

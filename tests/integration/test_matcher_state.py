@@ -1,17 +1,23 @@
-"""The matcher's load path (snapshots + log replay) against real Postgres, without Ray."""
+"""The matcher's state (snapshots + log replay, index rebuilds, following the
+log, staleness, rewound logs) against real Postgres, without Ray."""
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
+
+import asyncpg
 
 import numpy as np
 import pytest
 
-from serve_app.gallery.gallery_index import GalleryIndex
+from serve_app.gallery.gallery_index import GalleryIndex, LogFollower, StaleIndex
 from serve_app.gallery.index_snapshots import SnapshotStore
 from serve_app.gallery.objects import ObjectStore
-from serve_app.gallery.repository import Collection, GalleryRepository
+from serve_app.gallery.repository import Collection, GalleryRepository, create_pool
+from tests.pgtools import acreate_database, admin, adrop_database, dsn_for
 
 DIM = 8
 
@@ -210,3 +216,171 @@ async def test_rebuild_by_size_then_snapshot_keeps_the_kind(repo: GalleryReposit
     report = await again.load()
     assert big.id in report.from_snapshot and again.indexes[big.id].kind == "ivf"
     _assert_same(again, exact, {big.id: DIM, small.id: DIM})
+
+
+
+# ------------------------------------------------------------------ freshness
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def _wait_for(cond, timeout: float = 20.0) -> bool:
+    """Poll cond() until true; False after timeout (a failure bound, not a speed check)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        await asyncio.sleep(0.05)
+    return cond()
+
+
+async def test_notify_wakes_the_follower_long_before_its_poll(repo: GalleryRepository) -> None:
+    rng = np.random.default_rng(6)
+    col = await repo.ensure_collection("c", "test", DIM)
+    g = GalleryIndex(repo, None)
+    await g.load()
+
+    async def connect() -> asyncpg.Connection:
+        return await repo.pool.acquire()  # a connection of its own for LISTEN
+
+    # Polling once an hour: only a NOTIFY can bring the change within the test.
+    follower = LogFollower(g, interval_s=3600, listen_connect=connect)
+    await follower._ensure_listening()
+    assert follower.listening
+    follower._wake.clear()
+    task = asyncio.create_task(follower.run())
+    try:
+        (sub, face), = await _enrol(repo, col, rng, subjects=1, faces=1)
+        assert await _wait_for(lambda: face in g.subject_of)
+        assert follower.notifications >= 1 and g.lag().seq_behind == 0
+        await repo.delete_face(col, sub, face)
+        assert await _wait_for(lambda: face not in g.subject_of)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_polling_carries_on_without_a_listener(repo: GalleryRepository) -> None:
+    rng = np.random.default_rng(7)
+    col = await repo.ensure_collection("c", "test", DIM)
+    g = GalleryIndex(repo, None)
+    await g.load()
+
+    async def refuse() -> asyncpg.Connection:
+        raise OSError("listener connection refused")
+
+    follower = LogFollower(g, interval_s=0.05, listen_connect=refuse)
+    (_, face), = await _enrol(repo, col, rng, subjects=1, faces=1)
+    assert await follower.step()
+    assert not follower.listening and follower.notifications == 0
+    assert face in g.subject_of
+
+
+@pytest.fixture()
+async def cut_off() -> AsyncIterator[tuple[GalleryRepository, GalleryRepository, str]]:
+    """(writer repo, matcher repo, matcher role): the matcher logs in as a role
+    of its own, so it alone can be cut off from Postgres."""
+    name, dsn = await acreate_database("faceserve_cut")
+    role = f"matcher_{uuid.uuid4().hex[:8]}"
+    await admin(f'CREATE ROLE "{role}" LOGIN SUPERUSER')
+    writer = await create_pool(dsn, min_size=1, max_size=4)
+    base, _, _ = dsn.partition("@")
+    matcher_dsn = dsn.replace(base, f"postgresql://{role}", 1)
+    reader = await create_pool(matcher_dsn, min_size=1, max_size=2)
+    try:
+        yield GalleryRepository(writer), GalleryRepository(reader), role
+    finally:
+        reader.terminate()
+        await writer.close()
+        await adrop_database(name)
+        await admin(f'DROP ROLE IF EXISTS "{role}"')
+
+
+async def test_cut_off_replica_turns_stale_then_recovers(
+    cut_off: tuple[GalleryRepository, GalleryRepository, str],
+) -> None:
+    writer, reader, role = cut_off
+    rng = np.random.default_rng(8)
+    col = await writer.ensure_collection("c", "test", DIM)
+    await _enrol(writer, col, rng, subjects=2, faces=1)
+    clock = FakeClock()
+    g = GalleryIndex(reader, None)
+    g.clock = clock
+    await g.load()
+    g.check_fresh(30)
+    assert g.lag().seq_behind == 0 and g.lag().sync_age_s == 0
+
+    # Cut the matcher's role off: no new logins, its sessions killed.
+    await admin(f'ALTER ROLE "{role}" NOLOGIN')
+    await admin(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'")
+    added = await _enrol(writer, col, rng, subjects=1, faces=2)
+    follower = LogFollower(g, interval_s=0.01)
+    clock.now += 45
+    assert not await follower.step()
+    assert follower.sync_errors == 1
+    assert g.lag().sync_age_s == 45
+    with pytest.raises(StaleIndex, match="45"):
+        g.check_fresh(30)
+    g.observe_seq(await writer.latest_seq())  # e.g. a NOTIFY seen before the cut
+    assert g.lag().seq_behind == 2
+    assert all(face not in g.subject_of for _, face in added)
+
+    await admin(f'ALTER ROLE "{role}" LOGIN')
+    assert await follower.step()
+    g.check_fresh(30)
+    assert g.lag() .seq_behind == 0 and g.lag().sync_age_s == 0
+    assert all(face in g.subject_of for _, face in added)
+
+
+async def _truncate_log(repo: GalleryRepository, keep_seq: int) -> None:
+    """What a failover to a lagging replica or a point-in-time restore does:
+    the log (and the faces it added) end at keep_seq, and the sequences
+    hand out the lost numbers again."""
+    async with repo.pool.acquire() as conn, conn.transaction():
+        lost = await conn.fetch("SELECT face_id FROM changes WHERE seq > $1 AND op = 'add'", keep_seq)
+        await conn.execute("DELETE FROM faces WHERE id = ANY($1::bigint[])", [r["face_id"] for r in lost])
+        await conn.execute("DELETE FROM changes WHERE seq > $1", keep_seq)
+        await conn.execute("SELECT setval('changes_seq_seq', $1)", keep_seq)
+        top = await conn.fetchval("SELECT coalesce(max(id), 0) FROM faces")
+        if top:
+            await conn.execute("SELECT setval('faces_id_seq', $1)", top)
+
+
+async def test_rewound_log_is_detected_and_reloaded(repo: GalleryRepository, store: SnapshotStore) -> None:
+    rng = np.random.default_rng(9)
+    col = await repo.ensure_collection("c", "test", DIM)
+    await _enrol(repo, col, rng, subjects=3, faces=1)
+    keep = await repo.latest_seq()
+    lost = await _enrol(repo, col, rng, subjects=2, faces=1)
+    g = GalleryIndex(repo, store, snapshot_every=1)
+    await g.load()
+    await g.write_snapshots()  # a snapshot from the log that is about to be lost
+    assert g.seq == keep + 2
+
+    await _truncate_log(repo, keep)
+    assert await repo.latest_seq() < g.seq
+    await g.sync()
+    assert g.reloads == 1 and g.seq == keep
+    full = GalleryIndex(repo, None)
+    await full.load()
+    _assert_same(g, full, {col.id: DIM})
+    assert all(face not in g.subject_of for _, face in lost)
+
+    # Rewritten: the log is cut back again and then grows past the seq this
+    # replica holds with other entries, so only the entry at its seq tells.
+    held = g.seq
+    await _truncate_log(repo, held - 1)
+    await _enrol(repo, col, rng, subjects=3, faces=1)
+    assert await repo.latest_seq() > held
+    await g.sync()
+    assert g.reloads == 2
+    full = GalleryIndex(repo, None)
+    await full.load()
+    _assert_same(g, full, {col.id: DIM})
+    # An unchanged log never reloads.
+    await g.sync()
+    assert g.reloads == 2

@@ -45,6 +45,7 @@ EXPECTED_ALERTS = {
     "VerificationFailure": "critical",
     "DBPoolExhausted": "warning",
     "RedisMemoryHigh": "warning",
+    "MatcherStale": "critical",
 }
 
 
