@@ -1,13 +1,15 @@
 """Split one collection's vectors across several ``CollectionIndex`` shards.
 
 An id lives in shard ``id % n_shards``. A search asks every shard for its
-own top-k and merges them, so the result equals an unsharded index's (up to
-the order of exactly tied scores, which the merge breaks by ascending id).
+own top-k and merges them with faiss.merge_knn_results, so the result equals
+an unsharded index's (up to the order of exactly tied scores). The same
+merge serves a scatter-gather across matcher replicas (docs/SCALING.md).
 """
 from __future__ import annotations
 
 import hashlib
 
+import faiss
 import numpy as np
 
 from models.errors import IndexCorrupt, InvalidRequest
@@ -95,16 +97,14 @@ class ShardedIndex:
         results = [shard.search(queries, k) for shard in self.shards]
         if self.n_shards == 1:
             return results[0]
-        scores = np.concatenate([r[0] for r in results], axis=1)
-        labels = np.concatenate([r[1] for r in results], axis=1)
-        # Best score first; among equal scores the smaller id first; padding
-        # (-inf, id -1) last. lexsort's last key is the primary one.
-        tiebreak = np.where(labels < 0, np.iinfo(np.int64).max, labels)
-        order = np.lexsort((tiebreak, -scores), axis=1)[:, :k]
-        return (
-            np.take_along_axis(scores, order, axis=1),
-            np.take_along_axis(labels, order, axis=1),
+        # faiss's own k-way merge of per-shard top-k lists (what IndexShards
+        # and a scatter-gather across replicas use); padding (-inf, -1) sorts last.
+        scores, labels = faiss.merge_knn_results(
+            np.stack([r[0] for r in results]), np.stack([r[1] for r in results]), keep_max=True
         )
+        labels = labels.astype(np.int64, copy=False)
+        scores = np.where(labels < 0, -np.inf, scores).astype(np.float32)  # faiss pads with -FLT_MAX
+        return scores, labels
 
     # ------------------------------------------------------ snapshot/restore
     def snapshot(self, seq: int = 0) -> bytes:

@@ -344,7 +344,14 @@ def test_sharded_equals_unsharded(n_shards, rng):
         s1, i1 = single.search(q, k)
         s2, i2 = sharded.search(q, k)
         np.testing.assert_allclose(s2, s1, atol=1e-6)
-        np.testing.assert_array_equal(i2, i1)
+        # Same ids, except that exactly tied scores may come in another order.
+        tied = np.zeros_like(s1, dtype=bool)
+        same = np.isclose(s1[:, 1:], s1[:, :-1], atol=1e-6, rtol=0) & np.isfinite(s1[:, 1:])
+        tied[:, 1:] |= same
+        tied[:, :-1] |= same
+        np.testing.assert_array_equal(i2[~tied], i1[~tied])
+        for row in range(len(q)):
+            assert sorted(i2[row][tied[row]]) == sorted(i1[row][tied[row]])
     for i in ids[:60]:
         assert sharded.contains(int(i)) == single.contains(int(i))
     # every id sits in its routed shard
