@@ -2,9 +2,10 @@
 
     python benchmarks/pipeline.py [--url http://127.0.0.1:8000] [--requests 40]
 
-Part 1 runs decode -> detect -> align -> embed -> search in this process
-(models/ and index/ only) over the photos in ../shared/faces and prints
-p50/p95 per stage. Part 2 sends the same identify work through the real
+Part 1 runs the service's own code in this process (the detector's path:
+reduced decode -> detect -> crops; SFace; the matcher's index over the same
+enrolled faces) over the photos in ../shared/faces and prints p50/p95 per
+stage, then its throughput with one such pipeline per core. Part 2 sends the same identify work through the real
 Serve app over HTTP (started here unless --url is given), sequentially for
 latency and with concurrency for throughput, and prints the ratios against
 part 1 from this one run. No assertions: figures only.
@@ -36,52 +37,67 @@ def _pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
-def in_process_throughput(images: list[bytes], workers: int, threads: int) -> float:
-    """Images/s with ``workers`` pipelines side by side (one per core), the
-    fair baseline for HTTP at concurrency: the same photos on the same cores."""
-    from models.detection import YuNetDetector
-    from models.embedding import SFaceEmbedder
-    from models.pipeline import FacePipeline
+class ServicePath:
+    """The service's own per-image code, in one process: the detector's path
+    (serve_app/detection_path.py: reduced decode, detect, crops), SFace, and
+    the matcher's index over the same enrolled faces as the HTTP gallery.
+    What HTTP adds on top of this is the serving overhead."""
 
-    pipes = [FacePipeline(YuNetDetector(), SFaceEmbedder(intra_op_threads=threads)) for _ in range(workers)]
-    for p in pipes:
-        p.run(images[0])
+    def __init__(self, enrol: list[bytes], threads: int) -> None:
+        from index.collection_index import CollectionIndex
+        from models.detection import YuNetDetector
+        from models.embedding import SFaceEmbedder
+        from serve_app.deployment_config import DetectorConfig
+
+        self.detector = YuNetDetector()
+        self.embedder = SFaceEmbedder(intra_op_threads=threads)
+        self.config = DetectorConfig()
+        self.index = CollectionIndex(dim=128)
+        for i, data in enumerate(enrol):
+            vec = self.run(data)[0]
+            if len(vec):
+                self.index.add(np.array([i + 1], np.int64), vec[:1])
+
+    def run(self, data: bytes) -> tuple[np.ndarray, dict[str, float]]:
+        from serve_app.detection_path import run_detection
+        from serve_app.messages import DetectOptions
+
+        det = run_detection(self.detector, data, self.config, DetectOptions())
+        t0 = time.perf_counter()
+        vectors = self.embedder.embed(det.aligned)
+        t1 = time.perf_counter()
+        if len(self.index) and len(vectors):
+            self.index.search(vectors, 5)
+        t2 = time.perf_counter()
+        return vectors, {**det.timings_ms, "embed": (t1 - t0) * 1e3, "search": (t2 - t1) * 1e3}
+
+
+def in_process_throughput(images: list[bytes], enrol: list[bytes], workers: int, threads: int) -> float:
+    """Images/s with ``workers`` service paths side by side (one per core), the
+    fair baseline for HTTP at concurrency: the same photos on the same cores."""
+    paths = [ServicePath(enrol, threads) for _ in range(workers)]
     chunks = [images[i::workers] for i in range(workers)]
     t0 = time.perf_counter()
     with cf.ThreadPoolExecutor(workers) as pool:  # cv2 and onnxruntime release the GIL
-        list(pool.map(lambda pc: [pc[0].run(d) for d in pc[1]], zip(pipes, chunks)))
+        list(pool.map(lambda pc: [pc[0].run(d) for d in pc[1]], zip(paths, chunks)))
     return len(images) / (time.perf_counter() - t0)
 
 
-def in_process(images: list[bytes], gallery_size: int, threads: int) -> dict[str, object]:
+def in_process(images: list[bytes], enrol: list[bytes], threads: int) -> dict[str, object]:
     import cv2
 
-    from index.collection_index import CollectionIndex
-    from models.detection import YuNetDetector
-    from models.embedding import SFaceEmbedder
-    from models.pipeline import FacePipeline
-
     cv2.setNumThreads(threads)
-    pipe = FacePipeline(YuNetDetector(), SFaceEmbedder(intra_op_threads=threads))
-    # A gallery: the real enrolled faces plus random unit vectors as filler.
-    index = CollectionIndex(dim=128)
-    filler = np.random.default_rng(0).standard_normal((gallery_size, 128)).astype(np.float32)
-    filler /= np.linalg.norm(filler, axis=1, keepdims=True)
-    index.add(np.arange(1000, 1000 + gallery_size, dtype=np.int64), filler)
+    path = ServicePath(enrol, threads)
     for data in images[:3]:  # warm-up
-        pipe.run(data)
+        path.run(data)
     stages: dict[str, list[float]] = {k: [] for k in ("decode", "detect", "align", "embed", "search", "total")}
     t_all = time.perf_counter()
     for data in images:
         t0 = time.perf_counter()
-        result = pipe.run(data)
-        t1 = time.perf_counter()
-        index.search(result.embeddings, 5)
-        t2 = time.perf_counter()
-        for k in ("decode", "detect", "align", "embed"):
-            stages[k].append(float(result.timings_ms.get(k, 0.0)))
-        stages["search"].append((t2 - t1) * 1000)
-        stages["total"].append((t2 - t0) * 1000)
+        _, timings = path.run(data)
+        for k in ("decode", "detect", "align", "embed", "search"):
+            stages[k].append(float(timings.get(k, 0.0)))
+        stages["total"].append((time.perf_counter() - t0) * 1000)
     wall = time.perf_counter() - t_all
     return {"stages": stages, "throughput": len(images) / wall}
 
@@ -124,7 +140,6 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--url", default=None, help="an already running faceserve")
     ap.add_argument("--requests", type=int, default=40)
-    ap.add_argument("--gallery", type=int, default=10_000, help="filler vectors in the in-process index")
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1, help="inference threads in-process (replicas use 1)")
     ap.add_argument("--cores", type=int, default=os.cpu_count() or 2,
@@ -137,13 +152,14 @@ def main() -> None:
     enrol = {name: ps[0].read_bytes() for name, ps in photos.items()}
 
     print(f"# faceserve pipeline benchmark — {args.requests} identify requests, {len(pool)} distinct photos")
-    local = in_process([d for _, d in work], args.gallery, args.threads)
-    print(f"\n## in-process (models/ + index/, {args.threads} thread, gallery {args.gallery} vectors)")
+    local = in_process([d for _, d in work], list(enrol.values()), args.threads)
+    print(f"\n## in-process (the service's code in one process, {args.threads} thread, "
+          f"gallery of {len(enrol)} enrolled faces)")
     print(f"{'stage':8} {'p50 ms':>9} {'p95 ms':>9}")
     for k, v in local["stages"].items():
         print(f"{k:8} {_pct(v, 50):9.2f} {_pct(v, 95):9.2f}")
     print(f"throughput: {local['throughput']:.2f} images/s (1 pipeline)")
-    local_tp = in_process_throughput([d for _, d in work], args.cores, args.threads)
+    local_tp = in_process_throughput([d for _, d in work], list(enrol.values()), args.cores, args.threads)
     print(f"throughput: {local_tp:.2f} images/s ({args.cores} pipelines side by side: the baseline)")
 
     from benchmarks.live_app import running_app

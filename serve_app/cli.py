@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,12 +142,9 @@ def _cmd_enroll_folder(args: argparse.Namespace) -> int:
         print(f"not a folder: {folder}", file=sys.stderr)
         return 2
     people = sorted(p for p in folder.iterdir() if p.is_dir())
-    jobs = [
-        (person, photo)
-        for person in people
-        for photo in sorted(person.iterdir())
-        if photo.suffix.lower() in IMAGE_SUFFIXES
-    ]
+    jobs, skipped = _enrolment_files(people)
+    for path, why in skipped:
+        print(f"  skipped {path}: {why}", file=sys.stderr)
     if not jobs:
         print(f"no <person>/<photo> images under {folder}", file=sys.stderr)
         return 2
@@ -177,10 +173,36 @@ def _cmd_enroll_folder(args: argparse.Namespace) -> int:
                 enrolled += 1
             else:
                 failures.append(f"{photo}: {r.status_code} {_reason(r)}")
-    print(f"enrolled {enrolled} of {len(jobs)} photos for {len(subject_ids)} subjects")
+    print(f"enrolled {enrolled} of {len(jobs)} photos for {len(subject_ids)} subjects"
+          + (f"; skipped {len(skipped)} files that are not images we read" if skipped else ""))
     for line in failures:
         print(f"  failed {line}", file=sys.stderr)
     return 0 if not failures else 1
+
+
+def _enrolment_files(people: list[Path]) -> tuple[list[tuple[Path, Path]], list[tuple[Path, str]]]:
+    """Images by their content, not their name (a .pgm, a photo without a
+    suffix), and every other file with the reason it is skipped."""
+    from models.images import SUPPORTED_FORMATS, sniff_format
+
+    jobs: list[tuple[Path, Path]] = []
+    skipped: list[tuple[Path, str]] = []
+    for person in people:
+        for path in sorted(person.iterdir()):
+            if path.name.startswith("."):
+                continue
+            if not path.is_file():
+                skipped.append((path, "not a file"))
+                continue
+            with path.open("rb") as fh:
+                fmt = sniff_format(fh.read(32))
+            if fmt is None:
+                skipped.append((path, "not a recognised image"))
+            elif fmt not in SUPPORTED_FORMATS:
+                skipped.append((path, f"{fmt} images are not supported"))
+            else:
+                jobs.append((person, path))
+    return jobs, skipped
 
 
 def _ensure_subject(client: Any, name: str, params: dict[str, str]) -> str:

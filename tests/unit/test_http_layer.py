@@ -188,3 +188,24 @@ def test_api_key_is_checked_in_constant_time_and_both_header_forms_work() -> Non
             _authenticate(bad, b"s3cret")
     # no key configured: open, and the quota counts per IP
     assert _authenticate(req(), None) == "ip:10.1.2.3"
+
+
+def test_enroll_folder_picks_images_by_content_and_names_what_it_skips(tmp_path: Any) -> None:
+    import io
+
+    from PIL import Image
+
+    from serve_app.cli import _enrolment_files
+
+    person = tmp_path / "ada"
+    person.mkdir()
+    buf = io.BytesIO()
+    Image.new("L", (8, 8)).save(buf, "PPM")
+    (person / "face.pgm").write_bytes(buf.getvalue())
+    (person / "no_suffix").write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 40)
+    (person / "notes.txt").write_text("hello")
+    (person / "phone.heic").write_bytes(b"\x00\x00\x00\x18ftypheic" + b"\0" * 40)
+    jobs, skipped = _enrolment_files([person])
+    assert sorted(p.name for _, p in jobs) == ["face.pgm", "no_suffix"]
+    assert dict((p.name, why) for p, why in skipped) == {
+        "notes.txt": "not a recognised image", "phone.heic": "HEIC images are not supported"}
