@@ -15,6 +15,7 @@ from fastapi.responses import Response
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from serve_app.api import errors
+from serve_app.api.body_guard import BodyGuard
 from serve_app.api.deps import Edge
 from serve_app.api.routers import gallery, health, recognition
 from serve_app.api.schemas import REQUEST_BODY_MODELS, ErrorResponse
@@ -40,6 +41,7 @@ def create_app(edge: Edge, metrics: ServiceMetrics | None = None, *, version: st
     for r in (health.router, recognition.router, gallery.router):
         app.include_router(r, responses=_ERROR_RESPONSES if r is not health.router else None)
     _install_observe(app, metrics)
+    app.add_middleware(BodyGuard)  # outermost: nothing reads an unbounded body
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

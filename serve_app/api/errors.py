@@ -132,7 +132,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        code = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed",
+                413: "payload_too_large", 415: "unsupported_media_type"}.get(exc.status_code, "http_error")
         message = {404: "no such route", 405: "method not allowed on this route"}.get(
             exc.status_code, str(exc.detail))
         resp = error_response(exc.status_code, code, message)

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from serve_app.api import validation
 
 from serve_app.messages import FaceInfo, LivenessResult
 
@@ -191,7 +193,12 @@ class VerifyJSON(BaseModel):
 # --- gallery ---------------------------------------------------------------------------------
 class CollectionIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1, max_length=128)
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return validation.collection_name(v)
 
 
 class CollectionOut(BaseModel):
@@ -207,13 +214,28 @@ class CollectionList(BaseModel):
 class SubjectIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=256)
-    metadata: dict[str, Any] = Field(default_factory=dict)
-    collection: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict, description="at most 16 KB as JSON, 8 levels deep")
+    collection: str | None = Field(None, max_length=128)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return validation.clean_text(v, "name")
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return validation.metadata(v)
 
 
 class SubjectPatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=256)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return validation.clean_text(v, "name")
 
 
 class SubjectOut(BaseModel):

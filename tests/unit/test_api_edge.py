@@ -123,3 +123,38 @@ def test_openapi_lists_request_and_response_models(app_client) -> None:
     assert body["multipart/form-data"]["schema"]["$ref"].endswith("/ImageForm")
     ok = doc["paths"]["/v1/identify"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
     assert ok["$ref"].endswith("/IdentifyResponse")
+
+
+def test_text_fields_and_metadata_are_bounded(app_client) -> None:
+    client, _, _ = app_client
+    for bad in ({"name": "nul\x00byte"}, {"name": "bell\x07"}, {"name": "   "},
+                {"name": "ok", "metadata": {"blob": "x" * 20_000}},
+                {"name": "ok", "metadata": {"a": {"b": {"c": {"d": {"e": {"f": {"g": {"h": {"i": 1}}}}}}}}}}):
+        _error(client.post("/v1/subjects", json=bad), 400, "invalid_request")
+    r = client.post("/v1/subjects", content='{"name": "lone \\ud800"}'.encode(),
+                    headers={"content-type": "application/json"})
+    _error(r, 400, "invalid_request")
+    assert client.post("/v1/subjects", json={"name": "Zoë", "metadata": {"team": ["a", "b"]}}).status_code == 201
+
+
+def test_collection_names_are_safe(app_client) -> None:
+    client, _, _ = app_client
+    for bad in ("..", ".", "../../etc", "a/b", "-lead", "x" * 129, ""):
+        _error(client.post("/v1/collections", json={"name": bad}), 400, "invalid_request")
+    assert client.post("/v1/collections", json={"name": "team-a.v2_1"}).status_code == 201
+
+
+def test_json_bodies_are_capped_and_depth_checked(app_client) -> None:
+    client, _, _ = app_client
+    _error(client.post("/v1/subjects", content=b"[" * 50_000, headers={"content-type": "application/json"}),
+           400, "invalid_request")
+    big = b'{"name": "' + b"x" * 70_000 + b'"}'
+    _error(client.post("/v1/subjects", content=big, headers={"content-type": "application/json"}),
+           413, "payload_too_large")
+
+    def chunks():
+        for _ in range(100):
+            yield b"x" * 1000
+
+    _error(client.post("/v1/subjects", content=chunks(), headers={"content-type": "application/json"}),
+           413, "payload_too_large")
