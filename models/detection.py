@@ -4,18 +4,20 @@ Both return ``DetectedFace`` objects in original-image pixel coordinates with
 5 landmarks in the ArcFace order: right eye (viewer's left), left eye, nose
 tip, right mouth corner, left mouth corner.
 
-Frame-filling faces (ID photos, thumbnails cropped to the face) are a known
-weak spot of sliding-window/anchor detectors: there is no context around the
-face and it touches the border. ``detect()`` therefore runs a second pass on
-the image rescaled to a fixed working size and placed on a black canvas with a
-wide border, so the face sits well inside the frame at a scale both detectors
-handle. The second pass runs only when the first found nothing, or found a
-face covering most of the frame; in the latter case each such face is replaced
-by its best-overlapping second-pass face (one for one, so no duplicates) and
-every other face is kept, so group photos are unaffected. Measured on tight
-crops (90-160 px) of the test photos: the first pass often finds the face but
-MTCNN's landmarks drift badly (SFace similarity to the full photo down to 0.29);
-after the second pass the worst case is 0.83 for both detectors.
+Frame-filling faces (ID photos, thumbnails cropped to the face, the 92x112
+crops older face datasets ship) are a known weak spot of anchor detectors:
+there is no context around the face and it touches the border. ``detect()``
+therefore runs a second pass on a padded canvas: the image is padded first
+(a black border of 35 % of its long side on each side) and the padded canvas
+is then scaled to a 320 px long side, so a frame-filling face ends up about
+120-190 px, the scale YuNet finds most reliably; only if that finds nothing is
+the older, larger geometry (face ~320 px on a 640 px canvas) tried. The second
+pass runs only when the first found nothing, or found a face covering most of
+the frame; in the latter case each such face is replaced by its
+best-overlapping second-pass face (one for one, so no duplicates) and every
+other face is kept, so group photos are unaffected. Measured on synthetic
+tight crops of the test photos (scripts/eval_tight_crops.py, figures in
+docs/ACCURACY.md).
 """
 from __future__ import annotations
 
@@ -30,13 +32,12 @@ import numpy as np
 from models.errors import InvalidRequest
 from models.weights import ResolvedWeights, resolve_weights, verify_file
 
-# Fallback pass geometry: long side of the rescaled image, and the border on
-# each side as a fraction of that long side (0.5 -> the face covers at most
-# half the canvas). Measured on tight crops of the test photos at 90-160 px:
-# a constant border beats a replicated one (replicated edge streaks look like
-# structure to MTCNN), and 0.5 beats 0.25.
-FALLBACK_LONG_SIDE = 320
-FALLBACK_PAD_FRACTION = 0.5
+# Fallback pass geometries, tried in order until one finds a face: (border on
+# each side as a fraction of the image's long side, long side of the padded
+# canvas). The first puts a frame-filling face at ~120-190 px on a 320 px
+# canvas (cheap, and where YuNet is surest); the second is the earlier
+# geometry (face ~320 px on 640 px), kept as the backstop.
+FALLBACK_GEOMETRIES: tuple[tuple[float, int], ...] = ((0.35, 320), (0.5, 640))
 # A face whose box spans at least this fraction of the image width or height
 # counts as frame-filling and is re-detected on the padded canvas.
 FRAME_FILL_FRACTION = 0.6
@@ -154,16 +155,26 @@ class FaceDetector:
         return faces
 
     def _detect_padded(self, rgb: np.ndarray) -> list[DetectedFace]:
+        for pad_fraction, canvas in FALLBACK_GEOMETRIES:
+            faces = self._detect_on_canvas(rgb, pad_fraction, canvas)
+            if faces:
+                return faces
+        return []
+
+    def _detect_on_canvas(self, rgb: np.ndarray, pad_fraction: float, canvas: int) -> list[DetectedFace]:
+        """Pad by ``pad_fraction`` of the long side, scale the padded canvas to
+        ``canvas`` px, detect, map back. Done as scale-then-pad, the same
+        geometry without ever building the padded full-size image."""
         h, w = rgb.shape[:2]
-        scale = FALLBACK_LONG_SIDE / max(h, w)
+        scale = canvas / ((1 + 2 * pad_fraction) * max(h, w))
         sw, sh = max(1, round(w * scale)), max(1, round(h * scale))
         interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
         work = cv2.resize(rgb, (sw, sh), interpolation=interp) if (sw, sh) != (w, h) else rgb
-        pad = round(FALLBACK_PAD_FRACTION * max(sw, sh))
-        canvas = cv2.copyMakeBorder(work, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(0, 0, 0))
+        pad = round(pad_fraction * max(sw, sh))
+        padded = cv2.copyMakeBorder(work, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(0, 0, 0))
         # Exact per-axis scale, since sizes were rounded.
         sx, sy = sw / w, sh / h
-        boxes, lms, scores = self._detect_raw(canvas)
+        boxes, lms, scores = self._detect_raw(padded)
         boxes = (boxes - pad) / np.array([sx, sy, sx, sy], np.float32)
         lms = (lms - pad) / np.array([sx, sy], np.float32)
         return self._finish(boxes, lms, scores, width=w, height=h)
