@@ -31,6 +31,11 @@ class IngressConfig(_Config):
     pipeline_timeout_s: float = Field(10.0, gt=0.0, le=120.0)
     # Deadline for getting a Postgres connection from the pool.
     db_acquire_timeout_s: float = Field(3.0, gt=0.0, le=60.0)
+    # Image requests (detect/verify/identify/liveness/enrol) one ingress replica
+    # lets into the model graph at once; the excess gets 503 before its body
+    # is read. 0 = no limit. Size it to what the detector replicas finish
+    # promptly (benchmarks/overload.py).
+    max_inflight_images: int = Field(6, ge=0, le=10_000)
     # Retry-After sent with 503s caused by overload.
     retry_after_s: int = Field(1, ge=1, le=300)
 

@@ -15,6 +15,7 @@ from fastapi.responses import Response
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from serve_app.api import errors
+from serve_app.api.admission import AdmissionGate
 from serve_app.api.body_guard import BodyGuard
 from serve_app.api.deps import Edge
 from serve_app.api.routers import gallery, health, recognition
@@ -41,7 +42,11 @@ def create_app(edge: Edge, metrics: ServiceMetrics | None = None, *, version: st
     for r in (health.router, recognition.router, gallery.router):
         app.include_router(r, responses=_ERROR_RESPONSES if r is not health.router else None)
     _install_observe(app, metrics)
-    app.add_middleware(BodyGuard)  # outermost: nothing reads an unbounded body
+    app.add_middleware(BodyGuard)  # nothing reads an unbounded body
+    # Outermost: excess image work is refused before anything else is spent on it.
+    shed = (lambda: metrics.http_responses.inc(tags={"code": "503", "route": "admission"})) if metrics else None
+    app.add_middleware(AdmissionGate, limit=lambda: edge.config().max_inflight_images,
+                       retry_after_s=lambda: edge.config().retry_after_s, on_shed=shed)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

@@ -158,3 +158,49 @@ def test_json_bodies_are_capped_and_depth_checked(app_client) -> None:
 
     _error(client.post("/v1/subjects", content=chunks(), headers={"content-type": "application/json"}),
            413, "payload_too_large")
+
+
+def test_admission_gate_sheds_image_work_beyond_the_limit() -> None:
+    import asyncio
+
+    from serve_app.api.admission import AdmissionGate
+
+    release = asyncio.Event()
+    answered: list[int] = []
+
+    async def slow_app(scope, receive, send) -> None:
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    gate = AdmissionGate(slow_app, limit=lambda: 2, retry_after_s=lambda: 3)
+
+    async def call(path: str) -> tuple[int, dict[bytes, bytes]]:
+        out: dict[str, object] = {}
+
+        async def send(msg) -> None:
+            if msg["type"] == "http.response.start":
+                out["status"], out["headers"] = msg["status"], dict(msg["headers"])
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        await gate({"type": "http", "method": "POST", "path": path, "headers": []}, receive, send)
+        answered.append(out["status"])  # type: ignore[arg-type]
+        return out["status"], out["headers"]  # type: ignore[return-value]
+
+    async def scenario() -> None:
+        first = [asyncio.create_task(call("/v1/identify")) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        status, headers = await call("/v1/detect")  # over the limit: refused at once
+        assert status == 503 and headers[b"retry-after"] == b"3"
+        gallery = asyncio.create_task(call("/v1/subjects"))  # not image work: not gated
+        await asyncio.sleep(0.01)
+        assert gate.in_flight == 2
+        release.set()
+        await asyncio.gather(*first, gallery)
+        assert gate.in_flight == 0
+        assert (await call("/v1/identify"))[0] == 200
+
+    asyncio.run(scenario())
+    assert sorted(answered) == [200, 200, 200, 200, 503]
