@@ -86,6 +86,12 @@ class Unauthorized(CallerError):
     code = "unauthorized"
 
 
+class Forbidden(CallerError):
+    """The key is valid but lacks the scope this operation needs."""
+
+    code = "forbidden"
+
+
 class RateLimited(CallerError):
     """Over the per-client request quota; details carry retry_after_s."""
 

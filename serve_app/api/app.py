@@ -18,7 +18,7 @@ from serve_app.api import errors
 from serve_app.api.admission import AdmissionGate
 from serve_app.api.body_guard import BodyGuard
 from serve_app.api.deps import Edge
-from serve_app.api.routers import gallery, health, recognition
+from serve_app.api.routers import admin, gallery, health, recognition
 from serve_app.api.schemas import REQUEST_BODY_MODELS, ErrorResponse
 from serve_app.metrics import ServiceMetrics
 from serve_app.telemetry import access_logger, current_trace_id, mark_error, span_from
@@ -31,7 +31,7 @@ per-stage `timings_ms`; every error `{"error": {"code", "message", "trace_id"}}`
 status that says what was wrong (4xx: the request; 503 + Retry-After: try again later)."""
 
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 415, 422, 429, 503)
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 413, 415, 422, 429, 503)
 }
 
 
@@ -39,7 +39,7 @@ def create_app(edge: Edge, metrics: ServiceMetrics | None = None, *, version: st
     app = FastAPI(title="faceserve", version=version, description=API_DESCRIPTION)
     app.state.edge = edge
     errors.install(app)
-    for r in (health.router, recognition.router, gallery.router):
+    for r in (health.router, recognition.router, gallery.router, admin.router):
         app.include_router(r, responses=_ERROR_RESPONSES if r is not health.router else None)
     _install_observe(app, metrics)
     app.add_middleware(BodyGuard)  # nothing reads an unbounded body

@@ -5,8 +5,7 @@ lines each and tests can build the app around fakes (api/app.py create_app).
 """
 from __future__ import annotations
 
-import hashlib
-import hmac
+import logging
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Callable
 
@@ -14,16 +13,25 @@ from fastapi import Depends, Query, Request
 
 from serve_app.api.body import ParsedRequest, parse_request
 from serve_app.deployment_config import IngressConfig
-from serve_app.errors import RateLimited, Unauthorized
+from serve_app.errors import RateLimited
 from serve_app.gallery.repository import Collection
+from serve_app.services.access import Authenticator, Principal, quota_subject, stronger_policy
 from serve_app.services.gallery import GalleryService
 from serve_app.services.liveness_policy import LivenessPolicy
 from serve_app.services.recognition import RecognitionService
+from serve_app.telemetry import current_trace_id
 from serve_app.timing import StageTimer
+
+log = logging.getLogger("ray.serve")
 
 
 class QuotaPort:
     async def check(self, client: str, limit: int) -> Any: ...
+
+
+class AuditPort:
+    async def audit(self, tenant: str, actor: str, action: str, target: str = "", *,
+                    trace_id: str | None = None, details: dict[str, Any] | None = None) -> None: ...
 
 
 @dataclass
@@ -33,16 +41,31 @@ class Edge:
     recognition: RecognitionService
     gallery: GalleryService
     config: Callable[[], IngressConfig]
-    api_key: bytes | None = None
+    auth: Authenticator
     quota: QuotaPort | None = None
+    access: Any = None  # AccessRepository: keys, tenants, audit (admin routes)
     ready: Callable[[], Any] | None = None
     observe_stages: Callable[[dict[str, float]], None] | None = None  # stage-latency metric
     extras: dict[str, Any] = field(default_factory=dict)
 
-    def policy(self, value: Any, *, enrol: bool = False) -> LivenessPolicy:
-        cfg = self.config()
-        default = cfg.enrol_liveness_policy_default if enrol else cfg.liveness_policy_default
-        return LivenessPolicy.parse(value, LivenessPolicy(default))
+    def policy(self, value: Any) -> LivenessPolicy:
+        return LivenessPolicy.parse(value, LivenessPolicy(self.config().liveness_policy_default))
+
+    async def enrol_policy(self, value: Any, principal: Principal) -> LivenessPolicy:
+        """The caller's choice (or the default), never weaker than the tenant's minimum."""
+        asked = LivenessPolicy.parse(value, LivenessPolicy(self.config().enrol_liveness_policy_default))
+        minimum = (await self.auth.tenant(principal.tenant)).min_enrol_liveness
+        return LivenessPolicy(stronger_policy(asked.value, minimum))
+
+    async def audit(self, principal: Principal, action: str, target: str = "", **details: Any) -> None:
+        """Record a write; a failure to record is logged, the write has happened."""
+        if self.access is None:
+            return
+        try:
+            await self.access.audit(principal.tenant, principal.actor, action, target,
+                                    trace_id=current_trace_id(), details=details or None)
+        except Exception:
+            log.exception("audit record failed: %s %s by %s", action, target, principal.actor)
 
 
 def get_edge(request: Request) -> Edge:
@@ -52,42 +75,49 @@ def get_edge(request: Request) -> Edge:
 EdgeDep = Annotated[Edge, Depends(get_edge)]
 
 
-async def caller(request: Request, edge: EdgeDep) -> str:
-    """The API key, then the caller's per-minute quota; returns who calls."""
-    who = _authenticate(request, edge.api_key)
-    limit = edge.config().requests_per_minute
-    if limit > 0 and edge.quota is not None:
-        decision = await edge.quota.check(who, limit)
-        if not decision.allowed:
-            raise RateLimited(
-                f"more than {limit} requests a minute from this client; retry later",
-                limit=limit, retry_after_s=decision.retry_after_s,
-            )
+async def principal(request: Request, edge: EdgeDep,
+                    tenant: Annotated[str | None, Query(max_length=64)] = None) -> Principal:
+    """The caller (key, tenant, scopes), then its quotas: per key and per tenant."""
+    host = request.client.host if request.client else "unknown"
+    who = (await edge.auth.authenticate(request.headers, host)).acting_for(tenant)
+    if edge.quota is not None:
+        key_limit = who.requests_per_minute or edge.config().requests_per_minute
+        tenant_limit = (await edge.auth.tenant(who.tenant)).requests_per_minute
+        for subject, limit, what in ((quota_subject(who), key_limit, "this key"),
+                                     (f"tenant:{who.tenant}", tenant_limit, "this tenant")):
+            if limit > 0:
+                decision = await edge.quota.check(subject, limit)
+                if not decision.allowed:
+                    raise RateLimited(f"more than {limit} requests a minute from {what}; retry later",
+                                      limit=limit, retry_after_s=decision.retry_after_s)
     return who
 
 
-def _authenticate(request: Request, api_key: bytes | None) -> str:
-    if api_key is None:
-        host = request.client.host if request.client else "unknown"
-        return f"ip:{host}"
-    supplied = request.headers.get("x-api-key", "")
-    auth = request.headers.get("authorization", "")
-    if not supplied and auth.lower().startswith("bearer "):
-        supplied = auth[7:]
-    if not hmac.compare_digest(supplied.encode(), api_key):
-        raise Unauthorized("missing or wrong API key (X-API-Key header or Bearer token)")
-    return "key:" + hashlib.sha256(supplied.encode()).hexdigest()[:16]
+def require(scope: str) -> Callable[..., Any]:
+    async def dep(who: Annotated[Principal, Depends(principal)]) -> Principal:
+        who.require(scope)
+        return who
+
+    return dep
 
 
-Caller = Annotated[str, Depends(caller)]
+Reader = Annotated[Principal, Depends(require("read"))]
+Enroller = Annotated[Principal, Depends(require("enrol"))]
+Admin = Annotated[Principal, Depends(require("admin"))]
 
 
-async def collection(edge: EdgeDep, _: Caller,
-                     collection: Annotated[str | None, Query(max_length=128)] = None) -> Collection:
-    return await edge.gallery.collection(collection)
+async def read_collection(edge: EdgeDep, who: Reader,
+                          collection: Annotated[str | None, Query(max_length=128)] = None) -> Collection:
+    return await edge.gallery.collection(collection, tenant=who.tenant)
 
 
-CollectionDep = Annotated[Collection, Depends(collection)]
+async def enrol_collection(edge: EdgeDep, who: Enroller,
+                           collection: Annotated[str | None, Query(max_length=128)] = None) -> Collection:
+    return await edge.gallery.collection(collection, tenant=who.tenant)
+
+
+ReadCollection = Annotated[Collection, Depends(read_collection)]
+EnrolCollection = Annotated[Collection, Depends(enrol_collection)]
 
 
 @dataclass
@@ -98,7 +128,7 @@ class ImageRequest:
     body: ParsedRequest
 
 
-async def image_request(request: Request, edge: EdgeDep, _: Caller) -> ImageRequest:
+async def image_request(request: Request, edge: EdgeDep) -> ImageRequest:
     timer = StageTimer()
     with timer.stage("read"):  # a slow upload shows here, not in the models' stages
         body = await parse_request(request, max_bytes=edge.config().max_image_bytes)

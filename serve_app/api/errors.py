@@ -28,6 +28,7 @@ STATUS: dict[type[BaseException], int] = {
     e.InvalidRequest: 400,
     e.ImageUnreadable: 400,
     e.Unauthorized: 401,
+    e.Forbidden: 403,
     e.NotFound: 404,
     e.Conflict: 409,
     e.PayloadTooLarge: 413,

@@ -18,11 +18,13 @@ from ray.serve.handle import DeploymentHandle
 from serve_app.api.app import create_app
 from serve_app.api.deps import Edge
 from serve_app.deployment_config import IngressConfig
+from serve_app.gallery.access import AccessRepository
 from serve_app.gallery.objects import ObjectStore
 from serve_app.gallery.repository import GalleryRepository, create_pool
 from serve_app.metrics import ServiceMetrics
 from serve_app.pipeline_client import PipelineClient
 from serve_app.quota import RequestQuota
+from serve_app.services.access import Authenticator
 from serve_app.services.gallery import GalleryService
 from serve_app.services.recognition import RecognitionService
 from serve_app.settings import Settings
@@ -59,11 +61,14 @@ class Ingress:
                                  model=info["model"], dim=int(info["dim"]),
                                  default_collection=settings.default_collection)
         await gallery.collection(settings.default_collection, create=True)
+        self._access = AccessRepository(self._repo.pool)
+        bootstrap = settings.api_key.get_secret_value().encode() if settings.api_key else None
         self._edge = Edge(
             recognition=RecognitionService(self._pipeline, self._repo, _Outcomes(self._metrics)),
             gallery=gallery,
             config=lambda: self._config,
-            api_key=settings.api_key.get_secret_value().encode() if settings.api_key else None,
+            auth=Authenticator(self._access, bootstrap),
+            access=self._access,
             quota=RequestQuota(settings.redis_url) if settings.redis_url else None,
             ready=self._ready,
             observe_stages=self._metrics.observe_stages,
@@ -78,6 +83,7 @@ class Ingress:
         self._pipeline.timeout_s = self._config.pipeline_timeout_s
         self._pipeline.retry_after_s = self._config.retry_after_s
         self._repo.acquire_timeout_s = self._config.db_acquire_timeout_s
+        self._access.acquire_timeout_s = self._config.db_acquire_timeout_s
 
     async def _ready(self) -> dict[str, bool]:
         checks = await self._pipeline.ready()

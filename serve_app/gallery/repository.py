@@ -58,6 +58,7 @@ class Collection:
     name: str
     embedder: str
     dim: int
+    tenant: str = "default"
 
 
 @dataclass
@@ -145,7 +146,10 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
-        dsn, min_size=min_size, max_size=max_size, init=_init_connection, command_timeout=30
+        dsn, min_size=min_size, max_size=max_size, init=_init_connection, command_timeout=30,
+        # One stalled writer must not block every other: waits on the change-log
+        # lock end after 5 s (-> 503), and a transaction left idle is cut at 30 s.
+        server_settings={"lock_timeout": "5s", "idle_in_transaction_session_timeout": "30s"},
     )
     async with pool.acquire() as conn:
         await migrate(conn)
@@ -169,38 +173,44 @@ class GalleryRepository:
         return size, size - self.pool.get_idle_size()
 
     # --- collections --------------------------------------------------------
-    async def ensure_collection(self, name: str, embedder: str, dim: int) -> Collection:
+    async def ensure_collection(self, name: str, embedder: str, dim: int, tenant: str = "default") -> Collection:
         async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
             row = await conn.fetchrow(
-                """INSERT INTO collections (name, embedder, dim) VALUES ($1, $2, $3)
-                   ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name
-                   RETURNING id, name, embedder, dim""",
-                name, embedder, dim,
+                """INSERT INTO collections (name, embedder, dim, tenant) VALUES ($1, $2, $3, $4)
+                   ON CONFLICT (tenant, name) DO UPDATE SET name = EXCLUDED.name
+                   RETURNING id, name, embedder, dim, tenant""",
+                name, embedder, dim, tenant,
             )
         return Collection(**dict(row))
 
-    async def create_collection(self, name: str, embedder: str, dim: int) -> Collection:
+    async def create_collection(self, name: str, embedder: str, dim: int, tenant: str = "default") -> Collection:
         async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
             try:
                 row = await conn.fetchrow(
-                    "INSERT INTO collections (name, embedder, dim) VALUES ($1, $2, $3) "
-                    "RETURNING id, name, embedder, dim",
-                    name, embedder, dim,
+                    "INSERT INTO collections (name, embedder, dim, tenant) VALUES ($1, $2, $3, $4) "
+                    "RETURNING id, name, embedder, dim, tenant",
+                    name, embedder, dim, tenant,
                 )
             except asyncpg.UniqueViolationError:
                 raise Conflict(f"collection {name!r} already exists", collection=name) from None
+            except asyncpg.ForeignKeyViolationError:
+                raise InvalidRequest(f"no tenant named {tenant!r}", tenant=tenant) from None
         return Collection(**dict(row))
 
-    async def get_collection(self, name: str) -> Collection | None:
+    async def get_collection(self, name: str, tenant: str = "default") -> Collection | None:
         async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
             row = await conn.fetchrow(
-                "SELECT id, name, embedder, dim FROM collections WHERE name = $1", name
+                "SELECT id, name, embedder, dim, tenant FROM collections WHERE tenant = $1 AND name = $2",
+                tenant, name,
             )
         return Collection(**dict(row)) if row else None
 
-    async def list_collections(self) -> list[Collection]:
+    async def list_collections(self, tenant: str | None = None) -> list[Collection]:
+        """One tenant's collections, or every collection (tenant=None: the matcher)."""
         async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
-            rows = await conn.fetch("SELECT id, name, embedder, dim FROM collections ORDER BY id")
+            rows = await conn.fetch(
+                "SELECT id, name, embedder, dim, tenant FROM collections "
+                "WHERE $1::text IS NULL OR tenant = $1 ORDER BY id", tenant)
         return [Collection(**dict(r)) for r in rows]
 
     # --- subjects -----------------------------------------------------------

@@ -28,10 +28,10 @@ log = logging.getLogger("ray.serve")
 
 
 class GalleryRepo(Protocol):
-    async def ensure_collection(self, name: str, embedder: str, dim: int) -> Collection: ...
-    async def create_collection(self, name: str, embedder: str, dim: int) -> Collection: ...
-    async def get_collection(self, name: str) -> Collection | None: ...
-    async def list_collections(self) -> list[Collection]: ...
+    async def ensure_collection(self, name: str, embedder: str, dim: int, tenant: str = ...) -> Collection: ...
+    async def create_collection(self, name: str, embedder: str, dim: int, tenant: str = ...) -> Collection: ...
+    async def get_collection(self, name: str, tenant: str = ...) -> Collection | None: ...
+    async def list_collections(self, tenant: str | None = ...) -> list[Collection]: ...
     async def create_subject(self, collection: Collection, name: Any, metadata: dict[str, Any]) -> Subject: ...
     async def get_subject(self, collection: Collection, subject_id: uuid.UUID) -> Subject: ...
     async def find_subject_by_name(self, collection: Collection, name: str) -> Subject | None: ...
@@ -81,37 +81,40 @@ class GalleryService:
         self.model = model
         self.dim = dim
         self.default_collection = default_collection
-        self._collections: dict[str, Collection] = {}
+        self._collections: dict[tuple[str, str], Collection] = {}
         self.last_seq = 0  # this replica's newest write: its own reads wait for it
 
     def _saw(self, seq: int) -> None:
         self.last_seq = max(self.last_seq, seq)
 
     # --- collections --------------------------------------------------------------
-    async def collection(self, name: str | None, *, create: bool = False) -> Collection:
-        name = name or self.default_collection
-        found = self._collections.get(name)
+    async def collection(self, name: str | None, *, tenant: str = "default", create: bool = False) -> Collection:
+        """A tenant's collection by name; its default one (made on first use) when unnamed.
+        Another tenant's collection of the same name is simply not found."""
+        if name is None or name == "":
+            name, create = self.default_collection, True
+        found = self._collections.get((tenant, name))
         if found is None:
             if create:
-                found = await self.repo.ensure_collection(name, self.model, self.dim)
+                found = await self.repo.ensure_collection(name, self.model, self.dim, tenant)
             else:
-                found = await self.repo.get_collection(name)
+                found = await self.repo.get_collection(name, tenant)
                 if found is None:
                     raise CollectionNotFound(f"no collection named {name!r}", collection=name)
-            self._collections[name] = found
+            self._collections[(tenant, name)] = found
         if found.embedder != self.model or found.dim != self.dim:
             raise ModelMismatch(
                 f"collection {name!r} holds {found.embedder} embeddings but the service runs {self.model}"
             )
         return found
 
-    async def create_collection(self, name: str) -> Collection:
-        col = await self.repo.create_collection(name, self.model, self.dim)
-        self._collections[col.name] = col
+    async def create_collection(self, name: str, tenant: str = "default") -> Collection:
+        col = await self.repo.create_collection(name, self.model, self.dim, tenant)
+        self._collections[(tenant, col.name)] = col
         return col
 
-    async def list_collections(self) -> list[Collection]:
-        return await self.repo.list_collections()
+    async def list_collections(self, tenant: str = "default") -> list[Collection]:
+        return await self.repo.list_collections(tenant)
 
     # --- subjects -------------------------------------------------------------------
     async def create_subject(self, collection: Collection, name: str, metadata: dict[str, Any]) -> Subject:

@@ -85,27 +85,27 @@ class FakeObjects:
 
 class FakeRepo:
     def __init__(self) -> None:
-        self.collections: dict[str, Collection] = {}
+        self.collections: dict[tuple[str, str], Collection] = {}
         self.subjects: dict[uuid.UUID, tuple[int, Subject]] = {}
         self.faces: dict[int, tuple[int, FaceRecord, np.ndarray]] = {}
         self.seq = 0
         self.fail_add_face: Exception | None = None
 
-    async def ensure_collection(self, name: str, embedder: str, dim: int) -> Collection:
-        if name not in self.collections:
-            self.collections[name] = Collection(len(self.collections) + 1, name, embedder, dim)
-        return self.collections[name]
+    async def ensure_collection(self, name: str, embedder: str, dim: int, tenant: str = "default") -> Collection:
+        if (tenant, name) not in self.collections:
+            self.collections[(tenant, name)] = Collection(len(self.collections) + 1, name, embedder, dim, tenant)
+        return self.collections[(tenant, name)]
 
-    async def create_collection(self, name: str, embedder: str, dim: int) -> Collection:
-        if name in self.collections:
+    async def create_collection(self, name: str, embedder: str, dim: int, tenant: str = "default") -> Collection:
+        if (tenant, name) in self.collections:
             raise Conflict(f"collection {name!r} exists")
-        return await self.ensure_collection(name, embedder, dim)
+        return await self.ensure_collection(name, embedder, dim, tenant)
 
-    async def get_collection(self, name: str) -> Collection | None:
-        return self.collections.get(name)
+    async def get_collection(self, name: str, tenant: str = "default") -> Collection | None:
+        return self.collections.get((tenant, name))
 
-    async def list_collections(self) -> list[Collection]:
-        return list(self.collections.values())
+    async def list_collections(self, tenant: str | None = None) -> list[Collection]:
+        return [c for c in self.collections.values() if tenant is None or c.tenant == tenant]
 
     async def create_subject(self, collection: Collection, name: Any, metadata: dict[str, Any]) -> Subject:
         now = datetime.now(timezone.utc)
@@ -201,3 +201,65 @@ class CountingOutcomes:
 
     def identification(self, outcome: str) -> None:
         self.identifications.append(outcome)
+
+
+class FakeAccess:
+    """Keys and tenants in memory, with the real token format and checks."""
+
+    def __init__(self) -> None:
+        from serve_app.gallery.access import Tenant
+
+        self.keys: dict[str, Any] = {}
+        self.tenants: dict[str, Any] = {"default": Tenant("default")}
+        self.audits: list[tuple[str, str, str, str]] = []
+
+    async def create_key(self, tenant: str, scopes: Any, *, name: str = "", requests_per_minute: int = 0) -> Any:
+        import hashlib
+        import secrets as pysecrets
+
+        from serve_app.gallery.access import ApiKey, check_scopes
+
+        key_id, secret = pysecrets.token_hex(8), pysecrets.token_urlsafe(16)
+        key = ApiKey(key_id, tenant, check_scopes(list(scopes)), name, requests_per_minute,
+                     datetime.now(timezone.utc), None, hashlib.sha256(secret.encode()).digest())
+        self.keys[key_id] = key
+        return key, f"fsk_{key_id}_{secret}"
+
+    async def get_key(self, key_id: str) -> Any:
+        return self.keys.get(key_id)
+
+    async def list_keys(self, tenant: str | None = None) -> list[Any]:
+        return [k for k in self.keys.values() if tenant is None or k.tenant == tenant]
+
+    async def revoke_key(self, key_id: str, tenant: str | None = None) -> Any:
+        import dataclasses
+
+        from serve_app.gallery.access import KeyNotFound
+
+        key = self.keys.get(key_id)
+        if key is None or (tenant is not None and key.tenant != tenant):
+            raise KeyNotFound(f"no key {key_id!r}")
+        self.keys[key_id] = dataclasses.replace(key, revoked_at=datetime.now(timezone.utc))
+        return self.keys[key_id]
+
+    async def any_keys(self) -> bool:
+        return any(k.revoked_at is None for k in self.keys.values())
+
+    async def get_tenant(self, name: str) -> Any:
+        return self.tenants.get(name)
+
+    async def ensure_tenant(self, name: str, *, min_enrol_liveness: str | None = None,
+                            requests_per_minute: int | None = None) -> Any:
+        from serve_app.gallery.access import Tenant
+
+        old = self.tenants.get(name, Tenant(name))
+        self.tenants[name] = Tenant(name, min_enrol_liveness or old.min_enrol_liveness,
+                                    old.requests_per_minute if requests_per_minute is None else requests_per_minute)
+        return self.tenants[name]
+
+    async def audit(self, tenant: str, actor: str, action: str, target: str = "", **_: Any) -> None:
+        self.audits.append((tenant, actor, action, target))
+
+    async def audit_entries(self, tenant: str | None, *, limit: int = 100, action: str | None = None) -> list[Any]:
+        return [{"tenant": t, "actor": a, "action": act, "target": tg} for t, a, act, tg in reversed(self.audits)
+                if (tenant is None or t == tenant) and (action is None or act == action)][:limit]

@@ -12,7 +12,8 @@ from serve_app.deployment_config import IngressConfig
 from serve_app.errors import ServiceUnavailable
 from serve_app.services.gallery import GalleryService
 from serve_app.services.recognition import RecognitionService
-from tests.unit.fakes import DIM, CountingOutcomes, FakeObjects, FakePipeline, FakeRepo, Scripted, unit
+from serve_app.services.access import Authenticator
+from tests.unit.fakes import DIM, CountingOutcomes, FakeAccess, FakeObjects, FakePipeline, FakeRepo, Scripted, unit
 
 JPEG = b"\xff\xd8\xff\xe0" + b"face-a"
 JPEG_B = b"\xff\xd8\xff\xe0" + b"face-b"
@@ -29,9 +30,12 @@ def app_client() -> Iterator[tuple[TestClient, FakePipeline, FakeRepo]]:
     pipe.script(JPEG_B, unit(0, 1, 0, 0))
     gallery = GalleryService(pipe, repo, FakeObjects(), model="fake", dim=DIM, default_collection="default")
     asyncio.run(gallery.collection(None, create=True))
+    access = FakeAccess()
     edge = Edge(recognition=RecognitionService(pipe, repo, CountingOutcomes()), gallery=gallery,
-                config=lambda: IngressConfig(verify_threshold=0.5, identify_threshold=0.5))
-    with TestClient(create_app(edge), raise_server_exceptions=False) as client:
+                config=lambda: IngressConfig(verify_threshold=0.5, identify_threshold=0.5),
+                auth=Authenticator(access, b"boot", cache_ttl_s=0.0), access=access)
+    with TestClient(create_app(edge), raise_server_exceptions=False, headers={"x-api-key": "boot"}) as client:
+        client.access = access  # type: ignore[attr-defined]
         yield client, pipe, repo
 
 
@@ -204,3 +208,56 @@ def test_admission_gate_sheds_image_work_beyond_the_limit() -> None:
 
     asyncio.run(scenario())
     assert sorted(answered) == [200, 200, 200, 200, 503]
+
+
+
+def test_keys_scopes_and_tenant_isolation(app_client) -> None:
+    client, _, _ = app_client
+    boot = {"x-api-key": "boot"}
+    assert client.put("/v1/tenants/acme", json={"min_enrol_liveness": "block"}, headers=boot).status_code == 200
+    # keys per tenant, made by the bootstrap key acting for them
+    a_admin = client.post("/v1/keys", params={"tenant": "acme"}, json={"scopes": ["read", "enrol", "admin"]},
+                          headers=boot).json()
+    b_enrol = client.post("/v1/keys", json={"scopes": ["read", "enrol"]}, headers=boot).json()
+    a_read = client.post("/v1/keys", json={"scopes": ["read"]}, headers={"x-api-key": a_admin["token"]}).json()
+    assert a_admin["tenant"] == "acme" and a_read["tenant"] == "acme" and b_enrol["tenant"] == "default"
+    A, B, AR = ({"x-api-key": k["token"]} for k in (a_admin, b_enrol, a_read))
+    sid_b = client.post("/v1/subjects", json={"name": "bob"}, headers=B).json()["id"]
+    client.post(f"/v1/subjects/{sid_b}/faces", files={"image": ("b.jpg", JPEG_B)}, headers=B)
+    # tenant A sees none of B's things: 404 exactly as if they did not exist
+    _error(client.get(f"/v1/subjects/{sid_b}", headers=A), 404, "subject_not_found")
+    _error(client.delete(f"/v1/subjects/{sid_b}", headers=A), 404, "subject_not_found")
+    _error(client.post("/v1/verify", data={"subject_id": sid_b}, files={"image1": ("a.jpg", JPEG_B)}, headers=A),
+           404, "subject_not_found")
+    assert client.get("/v1/subjects", headers=A).json()["total"] == 0
+    r = client.post("/v1/identify", files={"image": ("b.jpg", JPEG_B)}, headers=A).json()
+    assert r["faces"][0]["decision"] == "unknown"
+    assert client.get("/v1/subjects", headers=B).json()["total"] == 1
+    # scopes: a read key cannot enrol or manage keys; wrong/revoked keys are 401
+    _error(client.post("/v1/subjects", json={"name": "x"}, headers=AR), 403, "forbidden")
+    _error(client.get("/v1/keys", headers=AR), 403, "forbidden")
+    _error(client.get("/v1/subjects", headers={"x-api-key": a_read["token"] + "x"}), 401, "unauthorized")
+    _error(client.get("/v1/subjects", headers={"x-api-key": "nope"}), 401, "unauthorized")
+    assert client.delete(f"/v1/keys/{a_read['key_id']}", headers=A).status_code == 200
+    _error(client.get("/v1/subjects", headers=AR), 401, "unauthorized")
+    # a tenant admin may not act for another tenant, nor revoke its keys
+    _error(client.get("/v1/subjects", params={"tenant": "default"}, headers=A), 400, "invalid_request")
+    _error(client.delete(f"/v1/keys/{b_enrol['key_id']}", headers=A), 404, "key_not_found")
+    # the tenant's minimum enrolment liveness wins over the caller's "off"
+    sid_a = client.post("/v1/subjects", json={"name": "ann"}, headers=A).json()["id"]
+    r = client.post(f"/v1/subjects/{sid_a}/faces", files={"image": ("a.jpg", JPEG)}, data={"liveness": "off"},
+                    headers=A)
+    assert r.status_code == 201 and r.json()["face"]["liveness"]["live"] is True
+    actions = [a for _, _, a, _ in client.access.audits]  # type: ignore[attr-defined]
+    assert {"key.create", "subject.create", "face.add", "key.revoke", "tenant.put"} <= set(actions)
+
+
+def test_open_mode_only_without_any_key(app_client) -> None:
+    from serve_app.services.access import Authenticator
+
+    client, _, _ = app_client
+    client.app.state.edge.auth = Authenticator(client.access, None, cache_ttl_s=0.0)  # type: ignore[attr-defined]
+    assert client.get("/v1/subjects", headers={"x-api-key": ""}).status_code == 200  # open: no keys at all
+    made = client.post("/v1/keys", json={"scopes": ["admin"]}, headers={"x-api-key": ""}).json()
+    _error(client.get("/v1/subjects", headers={"x-api-key": ""}), 401, "unauthorized")  # closed now
+    assert client.get("/v1/keys", headers={"x-api-key": made["token"]}).status_code == 200

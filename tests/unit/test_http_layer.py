@@ -15,7 +15,6 @@ from fastapi.testclient import TestClient
 from serve_app import errors
 from serve_app.api import errors as http_errors
 from serve_app.api.body import as_bool, as_int, parse_request
-from serve_app.api.deps import Edge, _authenticate
 from serve_app.cluster import ClusterPorts, deploy_config
 from serve_app.deployment_config import IngressConfig
 from serve_app.pipeline_client import unwrap
@@ -175,19 +174,26 @@ def test_cursor_round_trip_and_garbage() -> None:
         _decode_cursor("garbage")
 
 
-def test_api_key_is_checked_in_constant_time_and_both_header_forms_work() -> None:
-    def req(**headers: str) -> Any:
-        return SimpleNamespace(headers={k.replace("_", "-"): v for k, v in headers.items()},
-                               client=SimpleNamespace(host="10.1.2.3"))
+def test_bootstrap_key_both_header_forms_and_token_parsing() -> None:
+    import asyncio
 
-    caller = _authenticate(req(x_api_key="s3cret"), b"s3cret")
-    assert caller.startswith("key:") and "s3cret" not in caller  # quota key, not the secret
-    assert _authenticate(req(authorization="Bearer s3cret"), b"s3cret") == caller
-    for bad in (req(), req(x_api_key="wrong"), req(authorization="Basic s3cret")):
+    from serve_app.gallery.access import split_token
+    from serve_app.services.access import Authenticator
+    from tests.unit.fakes import FakeAccess
+
+    auth = Authenticator(FakeAccess(), b"s3cret")
+
+    def run(**headers: str) -> Any:
+        return asyncio.run(auth.authenticate({k.replace("_", "-"): v for k, v in headers.items()}, "10.1.2.3"))
+
+    who = run(x_api_key="s3cret")
+    assert who.superuser and who.actor == "bootstrap" and "s3cret" not in repr(who)
+    assert run(authorization="Bearer s3cret") == who
+    for bad in ({}, {"x_api_key": "wrong"}, {"authorization": "Basic s3cret"}):
         with pytest.raises(errors.Unauthorized):
-            _authenticate(bad, b"s3cret")
-    # no key configured: open, and the quota counts per IP
-    assert _authenticate(req(), None) == "ip:10.1.2.3"
+            run(**bad)
+    assert split_token("fsk_abc_def_ghi") == ("abc", "def_ghi")
+    assert split_token("fsk_") is None and split_token("other") is None
 
 
 def test_enroll_folder_picks_images_by_content_and_names_what_it_skips(tmp_path: Any) -> None:

@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query
 
 from serve_app.api.body import as_bool
-from serve_app.api.deps import Caller, CollectionDep, EdgeDep, ImageReq
+from serve_app.api.deps import Admin, EdgeDep, EnrolCollection, Enroller, ImageReq, ReadCollection, Reader
 from serve_app.api.openapi_bodies import IMAGE_BODY
 from serve_app.api.schemas import (
     CollectionIn,
@@ -48,29 +48,29 @@ def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
 
 
 @router.get("/collections", response_model=CollectionList)
-async def list_collections(edge: EdgeDep, _: Caller) -> CollectionList:
-    cols = await edge.gallery.list_collections()
+async def list_collections(edge: EdgeDep, who: Reader) -> CollectionList:
+    cols = await edge.gallery.list_collections(who.tenant)
     return CollectionList(collections=[CollectionOut(name=c.name, embedder=c.embedder, dim=c.dim) for c in cols])
 
 
 @router.post("/collections", response_model=CollectionOut, status_code=201)
-async def create_collection(body: CollectionIn, edge: EdgeDep, _: Caller) -> CollectionOut:
-    if not body.name.strip():
-        raise InvalidRequest("collection name must not be blank")
-    col = await edge.gallery.create_collection(body.name.strip())
+async def create_collection(body: CollectionIn, edge: EdgeDep, who: Admin) -> CollectionOut:
+    col = await edge.gallery.create_collection(body.name, who.tenant)
+    await edge.audit(who, "collection.create", col.name)
     return CollectionOut(name=col.name, embedder=col.embedder, dim=col.dim)
 
 
 @router.post("/subjects", response_model=SubjectOut, status_code=201)
-async def create_subject(body: SubjectIn, edge: EdgeDep, _: Caller,
+async def create_subject(body: SubjectIn, edge: EdgeDep, who: Enroller,
                          collection: Annotated[str | None, Query(max_length=128)] = None) -> SubjectOut:
-    col = await edge.gallery.collection(body.collection or collection)
+    col = await edge.gallery.collection(body.collection or collection, tenant=who.tenant)
     subject = await edge.gallery.create_subject(col, body.name, body.metadata)
+    await edge.audit(who, "subject.create", str(subject.id), collection=col.name)
     return SubjectOut(**subject.to_dict())
 
 
 @router.get("/subjects", response_model=SubjectList)
-async def list_subjects(edge: EdgeDep, col: CollectionDep,
+async def list_subjects(edge: EdgeDep, col: ReadCollection,
                         name: Annotated[str | None, Query(max_length=256)] = None,
                         limit: Annotated[int, Query(ge=1, le=500)] = 50,
                         cursor: Annotated[str | None, Query(max_length=512)] = None) -> SubjectList:
@@ -82,44 +82,51 @@ async def list_subjects(edge: EdgeDep, col: CollectionDep,
 
 
 @router.get("/subjects/{subject_id}", response_model=SubjectOut)
-async def get_subject(subject_id: str, edge: EdgeDep, col: CollectionDep) -> SubjectOut:
+async def get_subject(subject_id: str, edge: EdgeDep, col: ReadCollection) -> SubjectOut:
     return SubjectOut(**(await edge.gallery.get_subject(col, parse_subject_id(subject_id))).to_dict())
 
 
 @router.patch("/subjects/{subject_id}", response_model=SubjectOut)
-async def rename_subject(subject_id: str, body: SubjectPatch, edge: EdgeDep, col: CollectionDep) -> SubjectOut:
+async def rename_subject(subject_id: str, body: SubjectPatch, edge: EdgeDep, who: Enroller,
+                         col: EnrolCollection) -> SubjectOut:
     subject = await edge.gallery.rename_subject(col, parse_subject_id(subject_id), body.name)
+    await edge.audit(who, "subject.rename", subject_id, collection=col.name)
     return SubjectOut(**subject.to_dict())
 
 
 @router.delete("/subjects/{subject_id}", response_model=SubjectDeleted)
-async def delete_subject(subject_id: str, edge: EdgeDep, col: CollectionDep) -> SubjectDeleted:
+async def delete_subject(subject_id: str, edge: EdgeDep, who: Enroller, col: EnrolCollection) -> SubjectDeleted:
     removed = await edge.gallery.delete_subject(col, parse_subject_id(subject_id))
+    await edge.audit(who, "subject.delete", subject_id, collection=col.name, faces=removed.faces_removed)
     return SubjectDeleted(deleted=subject_id, faces_removed=removed.faces_removed, seq=removed.seq,
                           crops_pending_cleanup=removed.crops_pending_cleanup)
 
 
 @router.post("/subjects/{subject_id}/faces", response_model=EnrolResponse, response_model_exclude_none=True,
              status_code=201, openapi_extra=IMAGE_BODY)
-async def enrol_face(subject_id: str, req: ImageReq, edge: EdgeDep) -> EnrolResponse:
+async def enrol_face(subject_id: str, who: Enroller, req: ImageReq, edge: EdgeDep) -> EnrolResponse:
     body = req.body
-    col = await edge.gallery.collection(body.get("collection"))
+    col = await edge.gallery.collection(body.get("collection"), tenant=who.tenant)
     sid = parse_subject_id(subject_id)
     data = body.image("image", "file")
+    policy = await edge.enrol_policy(body.get("liveness"), who)
     result = await edge.gallery.enrol(col, sid, data, req.timer, largest=as_bool(body.get("largest"), "largest"),
-                                      policy=edge.policy(body.get("liveness"), enrol=True))
+                                      policy=policy)
+    await edge.audit(who, "face.add", str(result.face.id), collection=col.name, subject=subject_id, seq=result.seq)
     face = FaceRecordOut(**result.face.to_dict(), liveness=liveness_out(result.analysis.liveness, result.index))
     return EnrolResponse(face=face, seq=result.seq, faces_in_image=len(result.analysis.detection),
                          timings_ms=req.timer.total())
 
 
 @router.get("/subjects/{subject_id}/faces", response_model=FaceList)
-async def list_faces(subject_id: str, edge: EdgeDep, col: CollectionDep) -> FaceList:
+async def list_faces(subject_id: str, edge: EdgeDep, col: ReadCollection) -> FaceList:
     faces = await edge.gallery.list_faces(col, parse_subject_id(subject_id))
     return FaceList(faces=[FaceRecordOut(**f.to_dict()) for f in faces])
 
 
 @router.delete("/subjects/{subject_id}/faces/{face_id}", response_model=FaceDeleted)
-async def delete_face(subject_id: str, face_id: FaceId, edge: EdgeDep, col: CollectionDep) -> FaceDeleted:
+async def delete_face(subject_id: str, face_id: FaceId, edge: EdgeDep, who: Enroller,
+                      col: EnrolCollection) -> FaceDeleted:
     seq = await edge.gallery.delete_face(col, parse_subject_id(subject_id), face_id)
+    await edge.audit(who, "face.delete", str(face_id), collection=col.name, subject=subject_id, seq=seq)
     return FaceDeleted(deleted=face_id, seq=seq)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from serve_app.api.body import as_int
-from serve_app.api.deps import EdgeDep, ImageReq
+from serve_app.api.deps import EdgeDep, ImageReq, Reader
 from serve_app.api.schemas import (
     CandidateOut,
     DetectResponse,
@@ -29,7 +29,7 @@ router = APIRouter(prefix="/v1", tags=["recognition"])
 
 @router.post("/detect", response_model=DetectResponse, response_model_exclude_unset=True, openapi_extra=IMAGE_BODY,
              tags=["faces"])
-async def detect(req: ImageReq, edge: EdgeDep) -> DetectResponse:
+async def detect(who: Reader, req: ImageReq, edge: EdgeDep) -> DetectResponse:
     body = req.body
     analysis = await edge.recognition.detect(body.image("image", "file"), req.timer,
                                              edge.policy(body.get("liveness")))
@@ -42,7 +42,7 @@ async def detect(req: ImageReq, edge: EdgeDep) -> DetectResponse:
 
 
 @router.post("/liveness", response_model=LivenessResponse, openapi_extra=IMAGE_BODY, tags=["faces"])
-async def liveness(req: ImageReq, edge: EdgeDep) -> LivenessResponse:
+async def liveness(who: Reader, req: ImageReq, edge: EdgeDep) -> LivenessResponse:
     analysis = await edge.recognition.liveness(req.body.image("image", "file"), req.timer)
     faces = []
     for i, f in enumerate(analysis.detection.faces):
@@ -54,12 +54,12 @@ async def liveness(req: ImageReq, edge: EdgeDep) -> LivenessResponse:
 
 
 @router.post("/verify", response_model=VerifyResponse, response_model_exclude_none=True, openapi_extra=VERIFY_BODY)
-async def verify(req: ImageReq, edge: EdgeDep) -> VerifyResponse:
+async def verify(who: Reader, req: ImageReq, edge: EdgeDep) -> VerifyResponse:
     body, cfg = req.body, edge.config()
     policy = edge.policy(body.get("liveness"))
     subject_id = body.get("subject_id")
     if subject_id:
-        col = await edge.gallery.collection(body.get("collection"))
+        col = await edge.gallery.collection(body.get("collection"), tenant=who.tenant)
         v = await edge.recognition.verify_subject(body.image("image", "image1"), col, parse_subject_id(subject_id),
                                                   req.timer, policy, cfg.verify_threshold)
         assert v.subject is not None
@@ -78,9 +78,9 @@ async def verify(req: ImageReq, edge: EdgeDep) -> VerifyResponse:
 
 
 @router.post("/identify", response_model=IdentifyResponse, response_model_exclude_unset=True, openapi_extra=IMAGE_BODY)
-async def identify(req: ImageReq, edge: EdgeDep) -> IdentifyResponse:
+async def identify(who: Reader, req: ImageReq, edge: EdgeDep) -> IdentifyResponse:
     body, cfg = req.body, edge.config()
-    col = await edge.gallery.collection(body.get("collection"))
+    col = await edge.gallery.collection(body.get("collection"), tenant=who.tenant)
     k = as_int(body.get("top_k"), "top_k", default=cfg.top_k, lo=1, hi=100)
     min_seq = as_int(body.get("min_seq"), "min_seq", default=0, lo=0, hi=2**62)
     result = await edge.recognition.identify(

@@ -1,0 +1,127 @@
+"""Who is calling, and what they may do: keys, tenants, scopes, open mode.
+
+- A key ``fsk_<id>_<secret>`` (X-API-Key or Bearer) belongs to one tenant and
+  carries scopes: read (detect/verify/identify/liveness and gallery reads),
+  enrol (subjects and faces), admin (collections, keys, audit).
+- The bootstrap key (FACESERVE_API_KEY) is an admin of every tenant.
+- With no bootstrap key and no active key at all, the service is open: every
+  caller is an admin of the default tenant (the CLI then binds 127.0.0.1).
+Lookups are cached for a few seconds, so a revoked key stops working within
+``cache_ttl_s``.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from serve_app.errors import Forbidden, InvalidRequest, NotFound, Unauthorized
+from serve_app.gallery.access import SCOPES, ApiKey, Tenant, secret_matches, split_token
+
+POLICY_ORDER = ("off", "flag", "block")
+
+
+class AccessRepo(Protocol):
+    async def get_key(self, key_id: str) -> ApiKey | None: ...
+    async def get_tenant(self, name: str) -> Tenant | None: ...
+    async def any_keys(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Principal:
+    tenant: str
+    actor: str  # key id, "bootstrap" or "open:<ip>": names the caller in quotas and the audit log
+    scopes: frozenset[str]
+    requests_per_minute: int = 0  # this key's own limit; 0 = the service default
+    superuser: bool = False  # the bootstrap key: may act for any tenant
+
+    def require(self, scope: str) -> None:
+        if scope not in self.scopes:
+            raise Forbidden(f"this key lacks the {scope!r} scope", scope=scope)
+
+    def acting_for(self, tenant: str | None) -> "Principal":
+        """The bootstrap key may name another tenant (?tenant=); others may not."""
+        if tenant is None or tenant == self.tenant:
+            return self
+        if not self.superuser:
+            raise InvalidRequest("only the bootstrap key may act for another tenant", tenant=tenant)
+        return Principal(tenant, self.actor, self.scopes, self.requests_per_minute, True)
+
+
+def stronger_policy(requested: str, minimum: str) -> str:
+    """The stricter of two liveness policies (off < flag < block)."""
+    return max(requested, minimum, key=POLICY_ORDER.index)
+
+
+class Authenticator:
+    def __init__(self, repo: AccessRepo, bootstrap_key: bytes | None, *, cache_ttl_s: float = 5.0) -> None:
+        self.repo = repo
+        self.bootstrap = bootstrap_key
+        self.ttl = cache_ttl_s
+        self._keys: dict[str, tuple[float, ApiKey | None]] = {}
+        self._tenants: dict[str, tuple[float, Tenant | None]] = {}
+        self._open: tuple[float, bool] | None = None
+
+    async def authenticate(self, headers: Any, client_host: str) -> Principal:
+        token = headers.get("x-api-key", "")
+        auth = headers.get("authorization", "")
+        if not token and auth.lower().startswith("bearer "):
+            token = auth[7:].strip()
+        if not token:
+            if await self.is_open():
+                return Principal("default", f"open:{client_host}", frozenset(SCOPES))
+            raise Unauthorized("missing API key (X-API-Key header or Bearer token)")
+        if self.bootstrap is not None and hmac.compare_digest(token.encode(), self.bootstrap):
+            return Principal("default", "bootstrap", frozenset(SCOPES), superuser=True)
+        parts = split_token(token)
+        key = await self._key(parts[0]) if parts else None
+        if parts is None or key is None or key.revoked_at is not None or not secret_matches(key, parts[1]):
+            raise Unauthorized("wrong or revoked API key")
+        return Principal(key.tenant, key.key_id, frozenset(key.scopes), key.requests_per_minute)
+
+    async def is_open(self) -> bool:
+        if self.bootstrap is not None:
+            return False
+        now = time.monotonic()
+        if self._open is None or now - self._open[0] > self.ttl:
+            self._open = (now, not await self.repo.any_keys())
+        return self._open[1]
+
+    async def tenant(self, name: str) -> Tenant:
+        now = time.monotonic()
+        hit = self._tenants.get(name)
+        if hit is None or now - hit[0] > self.ttl:
+            hit = (now, await self.repo.get_tenant(name))
+            self._tenants[name] = hit
+        if hit[1] is None:
+            raise NotFound(f"no tenant named {name!r}", tenant=name)
+        return hit[1]
+
+    async def _key(self, key_id: str) -> ApiKey | None:
+        now = time.monotonic()
+        hit = self._keys.get(key_id)
+        if hit is None or now - hit[0] > self.ttl:
+            hit = (now, await self.repo.get_key(key_id))
+            self._keys[key_id] = hit
+            if len(self._keys) > 10_000:  # unknown ids from scanners must not grow this forever
+                self._keys.clear()
+        return hit[1]
+
+    def forget_tenant(self, name: str) -> None:
+        self._tenants.pop(name, None)
+
+    def forget(self, key_id: str) -> None:
+        """Drop a cached key at once (after a revoke through this replica)."""
+        self._keys.pop(key_id, None)
+        self._open = None
+
+
+def quota_subject(principal: Principal) -> str:
+    """What the per-key quota counts: the key id, or the caller's IP when open."""
+    return principal.actor if not principal.actor.startswith("open:") else "ip:" + principal.actor[5:]
+
+
+def digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
