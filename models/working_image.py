@@ -20,7 +20,6 @@ are ValueError subclasses from models/images.py.
 """
 from __future__ import annotations
 
-import io
 import threading
 from dataclasses import dataclass
 from typing import Any

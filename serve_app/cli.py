@@ -44,6 +44,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--api-key", default=None)
     p.set_defaults(func=_cmd_identify)
 
+    p = sub.add_parser("keys", help="API keys: create, list, revoke (through the admin API)")
+    p.add_argument("action", choices=["create", "list", "revoke"])
+    p.add_argument("key_id", nargs="?", help="the key to revoke")
+    p.add_argument("--scopes", default="read", help="comma-separated: read,enrol,admin")
+    p.add_argument("--tenant", default=None, help="the tenant (bootstrap key only; default: your own)")
+    p.add_argument("--name", default="")
+    p.add_argument("--requests-per-minute", type=int, default=0)
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--api-key", default=None, help="an admin key (default: $FACESERVE_API_KEY)")
+    p.set_defaults(func=_cmd_keys)
+
     p = sub.add_parser("models", help="weights: list where each model is found and check it")
     p.add_argument("action", choices=["verify"])
     p.set_defaults(func=_cmd_models)
@@ -59,6 +70,13 @@ def _cmd_start(args: argparse.Namespace) -> int:
     from serve_app.settings import load_settings
 
     settings = load_settings()
+    if settings.api_key is None:
+        if args.host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"refusing to listen on {args.host} without an API key: set FACESERVE_API_KEY "
+                  "(the bootstrap admin key), or keep the default 127.0.0.1", file=sys.stderr)
+            return 2
+        print("no FACESERVE_API_KEY: until an API key is created (faceserve keys create), the API is open "
+              "to callers on this machine only (127.0.0.1)")
     data_dir = (args.data_dir or settings.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     app_args: dict[str, Any] = {}
@@ -178,6 +196,39 @@ def _cmd_enroll_folder(args: argparse.Namespace) -> int:
     for line in failures:
         print(f"  failed {line}", file=sys.stderr)
     return 0 if not failures else 1
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    import os
+
+    key = args.api_key or os.environ.get("FACESERVE_API_KEY")
+    params = {"tenant": args.tenant} if args.tenant else {}
+    with _client(args.url, key) as client:
+        if args.action == "create":
+            scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
+            r = client.post("/v1/keys", params=params, json={
+                "scopes": scopes, "name": args.name, "requests_per_minute": args.requests_per_minute})
+        elif args.action == "list":
+            r = client.get("/v1/keys", params=params)
+        else:
+            if not args.key_id:
+                print("keys revoke needs the key id", file=sys.stderr)
+                return 2
+            r = client.delete(f"/v1/keys/{args.key_id}", params=params)
+    if r.status_code >= 400:
+        print(f"{r.status_code}: {_reason(r)}", file=sys.stderr)
+        return 1
+    body = r.json()
+    if args.action == "create":
+        print(f"created key {body['key_id']} for tenant {body['tenant']} with scopes {','.join(body['scopes'])}")
+        print(f"token (shown once, keep it secret): {body['token']}")
+    elif args.action == "list":
+        for k in body["keys"]:
+            state = f"revoked {k['revoked_at']}" if k["revoked_at"] else "active"
+            print(f"{k['key_id']}  {k['tenant']}  {','.join(k['scopes'])}  {k['name'] or '-'}  {state}")
+    else:
+        print(f"revoked key {body['key_id']}")
+    return 0
 
 
 def _enrolment_files(people: list[Path]) -> tuple[list[tuple[Path, Path]], list[tuple[Path, str]]]:

@@ -24,6 +24,9 @@ from tests.integration.otlp_receiver import OTLPReceiver
 from tests.pgtools import acreate_database, adrop_database, create_database, drop_database
 
 REDIS_URL = os.environ.get("FACESERVE_TEST_REDIS", "redis://127.0.0.1:6379/0")
+# The session app runs with a bootstrap key, as a production deployment would;
+# LiveApp.client() sends it. Tenant tests make their own keys with it.
+BOOTSTRAP_KEY = "it-bootstrap-key-0123456789"
 PORTS = cluster.ClusterPorts(gcs=6390, dashboard=8275, metrics=8090, http=18000)
 
 # Small, fixed replica counts: a 2-core machine, and tests want determinism.
@@ -60,8 +63,9 @@ class LiveApp:
     workdir: Path
     traces: OTLPReceiver
 
-    def client(self, **kw: Any) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=120, **kw)
+    def client(self, *, key: str | None = BOOTSTRAP_KEY, **kw: Any) -> httpx.Client:
+        headers = {"x-api-key": key} if key else {}
+        return httpx.Client(base_url=self.url, timeout=120, headers=headers, **kw)
 
     def redeploy(self, overrides: dict[str, dict[str, Any]] | None = None) -> None:
         """Take the app down and deploy it again (a restart of every replica)."""
@@ -83,6 +87,7 @@ class LiveApp:
                 "object_store_url": f"file://{self.object_dir}",
                 "models_dir": str(MODELS_DIR),
                 "redis_url": REDIS_URL,
+                "api_key": BOOTSTRAP_KEY,
                 "trace_exporter": "otlp",
                 "otlp_endpoint": self.traces.endpoint,
                 "trace_schedule_delay_ms": 200,

@@ -4,13 +4,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import httpx
 
 from serve_app.cli import main as cli_main
 from serve_app.embedded_pg import start_embedded_postgres, stop_embedded_postgres
 from serve_app.gallery.repository import GalleryRepository, create_pool
 from tests.conftest import people
-from tests.integration.conftest import LiveApp
+from tests.integration.conftest import BOOTSTRAP_KEY, LiveApp
 
 
 async def test_embedded_postgres_starts_migrates_and_keeps_data(tmp_path: Path) -> None:
@@ -43,11 +42,11 @@ def test_cli_enrolls_a_folder_through_the_api(live_app: LiveApp, tmp_path: Path,
         for photo in people()[person]:
             shutil.copy(photo, folder / alias / photo.name)
     (folder / "cli-rose" / "notes.txt").write_text("not an image, skipped")
-    assert cli_main(["enroll-folder", str(folder), "--url", live_app.url]) == 0
+    assert cli_main(["enroll-folder", str(folder), "--url", live_app.url, "--api-key", BOOTSTRAP_KEY]) == 0
     assert "enrolled 4 of 4 photos for 2 subjects" in capsys.readouterr().out
     # running it again adds faces to the same subjects instead of failing
-    assert cli_main(["enroll-folder", str(folder), "--url", live_app.url]) == 0
-    with httpx.Client(base_url=live_app.url) as client:
+    assert cli_main(["enroll-folder", str(folder), "--url", live_app.url, "--api-key", BOOTSTRAP_KEY]) == 0
+    with live_app.client() as client:
         for alias in chosen.values():
             found = client.get("/v1/subjects", params={"name": alias}).json()["subjects"]
             assert len(found) == 1 and found[0]["face_count"] == 4
