@@ -29,6 +29,7 @@ class RecognitionRepo(Protocol):
     async def subject_embeddings(self, collection: Collection, subject_id: uuid.UUID) -> tuple[list[str], np.ndarray]: ...
     async def get_subject(self, collection: Collection, subject_id: uuid.UUID) -> Subject: ...
     async def subject_names(self, subject_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]: ...
+    async def latest_seq(self) -> int: ...
 
 
 class Outcomes(Protocol):
@@ -164,9 +165,20 @@ class RecognitionService:
         self.outcomes.verification("match" if result.match else "no_match")
         return result
 
+    async def _check_min_seq(self, min_seq: int, known_seq: int) -> None:
+        """A min_seq no write has reached yet would wait for ever: refuse it.
+        Only asks Postgres when the caller's min_seq is ahead of what this
+        replica has seen itself (its own writes)."""
+        if min_seq > known_seq and min_seq > await self.repo.latest_seq():
+            raise InvalidRequest(f"min_seq {min_seq} is beyond the latest change in the gallery",
+                                 field="min_seq")
+
     async def identify(self, data: bytes, collection: Collection, timer: StageTimer, *, k: int,
-                       min_seq: int, policy: LivenessPolicy, threshold: float) -> Identification:
-        spec = AnalyseSpec(embed=True, liveness=policy.checks, match=MatchSpec(collection.id, k, min_seq))
+                       min_seq: int, policy: LivenessPolicy, threshold: float,
+                       known_seq: int = 0) -> Identification:
+        await self._check_min_seq(min_seq, known_seq)
+        spec = AnalyseSpec(embed=True, liveness=policy.checks,
+                           match=MatchSpec(collection.id, k, max(min_seq, known_seq)))
         try:
             analysis = await self.analyse(data, timer, spec, policy)
         except Exception as exc:

@@ -137,6 +137,9 @@ class FakeRepo:
         s.name = name
         return s
 
+    async def latest_seq(self) -> int:
+        return self.seq
+
     async def subject_names(self, subject_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
         return {sid: self.subjects[sid][1].name for sid in subject_ids if sid in self.subjects}
 

@@ -203,3 +203,15 @@ async def test_delete_subject_removes_crops(world) -> None:
     removed = await gal.delete_subject(col, sid)
     assert removed.faces_removed == 1 and removed.crops_pending_cleanup == 0 and objects.data == {}
     assert gal.last_seq == removed.seq
+
+
+async def test_min_seq_beyond_the_log_is_refused(world) -> None:
+    repo, pipe, _, rec, gal, _ = world
+    await _enrolled(gal, pipe, "ada", A)
+    col = await gal.collection(None)
+    probe = pipe.script(b"probe", A2)
+    ok = await rec.identify(probe, col, StageTimer(), k=5, min_seq=repo.seq, policy=LivenessPolicy.OFF, threshold=0.5)
+    assert ok.faces[0].decision == "match"
+    with pytest.raises(InvalidRequest, match="min_seq"):
+        await rec.identify(probe, col, StageTimer(), k=5, min_seq=repo.seq + 1000, policy=LivenessPolicy.OFF,
+                           threshold=0.5)

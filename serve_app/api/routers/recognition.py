@@ -84,7 +84,7 @@ async def identify(who: Reader, req: ImageReq, edge: EdgeDep) -> IdentifyRespons
     k = as_int(body.get("top_k"), "top_k", default=cfg.top_k, lo=1, hi=100)
     min_seq = as_int(body.get("min_seq"), "min_seq", default=0, lo=0, hi=2**62)
     result = await edge.recognition.identify(
-        body.image("image", "file"), col, req.timer, k=k, min_seq=max(min_seq, edge.gallery.last_seq),
+        body.image("image", "file"), col, req.timer, k=k, min_seq=min_seq, known_seq=edge.gallery.last_seq,
         policy=edge.policy(body.get("liveness")), threshold=cfg.identify_threshold)
     a = result.analysis
     faces = []
