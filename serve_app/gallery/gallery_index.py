@@ -102,6 +102,7 @@ class GalleryIndex:
         self.db_seq = 0
         self.clock: Callable[[], float] = time.monotonic
         self.last_sync: float | None = None
+        self.last_progress: float | None = None  # a catch-up batch applied
         self.reloads = 0
 
     # ------------------------------------------------------------- loading
@@ -240,7 +241,10 @@ class GalleryIndex:
         """Raise StaleIndex when no sync has reached the log's end for longer
         than max_staleness_s (Postgres unreachable, apply failing)."""
         lag = self.lag()
-        if lag.sync_age_s > max_staleness_s:
+        # A long catch-up (a bulk import) that keeps applying batches is not
+        # stale; its seq_behind shows it is behind.
+        progress_age = float("inf") if self.last_progress is None else self.clock() - self.last_progress
+        if min(lag.sync_age_s, progress_age) > max_staleness_s:
             raise StaleIndex(
                 f"no good sync with the change log for {lag.sync_age_s:.1f}s (bound {max_staleness_s}s); "
                 f"at seq {self.seq}, {lag.seq_behind} known changes behind"
@@ -256,6 +260,7 @@ class GalleryIndex:
             last = changes[-1]
             self.seq = last.seq
             self.anchor = (last.collection_id, last.op, last.face_id, str(last.subject_id))
+            self.last_progress = self.clock()
             n += len(changes)
             if len(changes) < _BATCH:
                 return n
