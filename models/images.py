@@ -13,6 +13,8 @@ from contextlib import contextmanager
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from models.detailed_error import DetailedError
 # Register the decoders we accept: Image.open(formats=...) looks them up in
 # the registry, which a bare preinit() only partly fills (no WebP).
 from PIL import (  # noqa: F401
@@ -27,15 +29,10 @@ from PIL import (  # noqa: F401
 )
 
 
-class ImageError(ValueError):
+class ImageError(DetailedError, ValueError):
     """Bytes that cannot become a picture; ``code`` names why, for callers."""
 
     code = "image_error"
-
-    def __init__(self, message: str, **details: object) -> None:
-        super().__init__(message)
-        self.message = message
-        self.details = details
 
 
 class ImageUnreadable(ImageError):

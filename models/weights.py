@@ -26,16 +26,13 @@ from typing import Any
 
 import yaml
 
+from models.detailed_error import DetailedError
 
-class WeightsError(RuntimeError):
+
+class WeightsError(DetailedError, RuntimeError):
     """Weights that cannot be used: missing, unreadable or not the pinned file."""
 
     code = "weights_error"
-
-    def __init__(self, message: str, **details: object) -> None:
-        super().__init__(message)
-        self.message = message
-        self.details = details
 
 
 class WeightsNotFound(WeightsError):

@@ -11,16 +11,13 @@ only at the edge (serve_app/api/errors.py).
 """
 from __future__ import annotations
 
+from models.detailed_error import DetailedError
 
-class ServiceError(Exception):
+
+class ServiceError(DetailedError):
     """Base class; ``code`` is a stable identifier clients can branch on."""
 
     code = "error"
-
-    def __init__(self, message: str, **details: object) -> None:
-        super().__init__(message)
-        self.message = message
-        self.details = details
 
 
 # --- the caller's errors (4xx) ----------------------------------------------
