@@ -66,4 +66,9 @@ if [ -n "$extras" ]; then
 fi
 run "$py" -m pip install -q -e "$target"
 run "$py" -m pip install -q --no-deps "$FACENET_PIN"
+if [[ ",$extras," == *",test,"* ]]; then
+  # compreface-sdk pins requests-toolbelt 0.9.1 (broken under urllib3 2); pyproject's test
+  # extras carry a working requests-toolbelt.
+  run "$py" -m pip install -q --no-deps "compreface-sdk==0.6.0"
+fi
 run "$py" -c "$IMPORT_CHECK"

@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 import numpy as np
 
-from serve_app.errors import Conflict, FaceNotFound, InvalidRequest, SubjectNotFound
+from serve_app.errors import CollectionNotFound, Conflict, FaceNotFound, InvalidRequest, SubjectNotFound
 
 from .migrations import migrate
 
@@ -212,6 +212,25 @@ class GalleryRepository:
                 "SELECT id, name, embedder, dim, tenant FROM collections "
                 "WHERE $1::text IS NULL OR tenant = $1 ORDER BY id", tenant)
         return [Collection(**dict(r)) for r in rows]
+
+    async def delete_collection(self, collection: Collection) -> RemovedFaces:
+        """The collection with its subjects and faces, in one transaction; every
+        face's removal goes to the change log so the matchers drop it."""
+        async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn, conn.transaction():
+            await _lock_changelog(conn)
+            faces = await conn.fetch(
+                "DELETE FROM faces WHERE collection_id = $1 RETURNING id, subject_id, crop_key", collection.id)
+            by_subject: dict[uuid.UUID, list[int]] = {}
+            for f in faces:
+                by_subject.setdefault(f["subject_id"], []).append(f["id"])
+            seq = await self._log_removals(conn, collection.id, uuid.UUID(int=0), [])
+            for sid, ids in by_subject.items():
+                seq = await self._log_removals(conn, collection.id, sid, ids)
+            status = await conn.execute("DELETE FROM collections WHERE id = $1", collection.id)
+            if status.endswith(" 0"):
+                raise CollectionNotFound(f"no collection named {collection.name!r}", collection=collection.name)
+        return RemovedFaces(seq=seq, face_ids=[f["id"] for f in faces],
+                            crop_keys=[f["crop_key"] for f in faces if f["crop_key"]])
 
     # --- subjects -----------------------------------------------------------
     _SUBJECT_COLS = """s.id, c.name AS collection, s.name, s.metadata, s.created_at, s.updated_at,

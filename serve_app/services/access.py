@@ -109,6 +109,21 @@ class Authenticator:
                 self._keys.clear()
         return hit[1]
 
+    async def sigv4_credentials(self, access_key_id: str) -> tuple[str, Principal] | None:
+        """The SigV4 secret and the caller for an AWS access key id (the Rekognition API).
+        Only sha256(secret) is stored, so a key's secret access key is that digest in hex;
+        the access key id "bootstrap" signs with the bootstrap key itself."""
+        if access_key_id == "bootstrap":
+            if self.bootstrap is None:
+                return None
+            return (self.bootstrap.decode("utf-8", "replace"),
+                    Principal("default", "bootstrap", frozenset(SCOPES), superuser=True))
+        key = await self._key(access_key_id) if 0 < len(access_key_id) <= 128 else None
+        if key is None or key.revoked_at is not None:
+            return None
+        return key.secret_sha256.hex(), Principal(key.tenant, key.key_id, frozenset(key.scopes),
+                                                  key.requests_per_minute)
+
     def forget_tenant(self, name: str) -> None:
         self._tenants.pop(name, None)
 

@@ -43,6 +43,7 @@ class GalleryRepo(Protocol):
                        image_sha256: str, crop_key: str, box: dict[str, float], det_score: float) -> tuple[FaceRecord, int]: ...
     async def list_faces(self, collection: Collection, subject_id: uuid.UUID) -> list[FaceRecord]: ...
     async def delete_face(self, collection: Collection, subject_id: uuid.UUID, face_id: int) -> RemovedFaces: ...
+    async def delete_collection(self, collection: Collection) -> RemovedFaces: ...
 
 
 class ObjectPort(Protocol):
@@ -115,6 +116,16 @@ class GalleryService:
 
     async def list_collections(self, tenant: str = "default") -> list[Collection]:
         return await self.repo.list_collections(tenant)
+
+    async def delete_collection(self, collection: Collection) -> SubjectRemoval:
+        """Removes a collection, its subjects and faces (crops too). Other ingress
+        replicas may hold it in their cache until their next restart; their writes
+        to it then fail on the missing row."""
+        removed = await self.repo.delete_collection(collection)
+        self._collections.pop((collection.tenant, collection.name), None)
+        self._saw(removed.seq)
+        leftover = await self.objects.adelete_many(removed.crop_keys)
+        return SubjectRemoval(len(removed.face_ids), removed.seq, len(leftover))
 
     # --- subjects -------------------------------------------------------------------
     async def create_subject(self, collection: Collection, name: str, metadata: dict[str, Any]) -> Subject:

@@ -172,6 +172,7 @@ def test_install_steps_and_their_order(tmp_path):
         f"{py} -m pip install -q {_pyproject_pin('torch')} {_pyproject_pin('torchvision')}",
         f"{py} -m pip install -q -e .[test]",
         f"{py} -m pip install -q --no-deps facenet-pytorch==2.6.0",
+        f"{py} -m pip install -q --no-deps compreface-sdk==0.6.0",  # test extras only
         f"{py} -c import torch, torchvision, facenet_pytorch, ray, faiss, cv2, onnxruntime",
     ]
 
