@@ -249,8 +249,10 @@ DEGRADATIONS: dict[str, Degradation] = {
     "blur4": lambda im: blur(im, 4.0),
     "jpeg25": lambda im: jpeg(im, 25),
     "jpeg10": lambda im: jpeg(im, 10),
-    "small48": lambda im: scale_long_side(im, 48),  # the face ends up ~20-30 px
-    "small96": lambda im: scale_long_side(im, 96),
+    # On a portrait cut with margin 0.8 (scripts/calibrate.py) the face box is
+    # about long side / 2.6: ~30 px and ~43 px.
+    "small80": lambda im: scale_long_side(im, 80),
+    "small112": lambda im: scale_long_side(im, 112),
     "lowres4": lambda im: downscale(im, 0.25),
     "rot15": lambda im: rotate(im, 15),
     "rot30": lambda im: rotate(im, -30),
