@@ -63,9 +63,9 @@ class LiveApp:
     workdir: Path
     traces: OTLPReceiver
 
-    def client(self, *, key: str | None = BOOTSTRAP_KEY, **kw: Any) -> httpx.Client:
+    def client(self, *, key: str | None = BOOTSTRAP_KEY, timeout: float = 120, **kw: Any) -> httpx.Client:
         headers = {"x-api-key": key} if key else {}
-        return httpx.Client(base_url=self.url, timeout=120, headers=headers, **kw)
+        return httpx.Client(base_url=self.url, timeout=timeout, headers=headers, **kw)
 
     def redeploy(self, overrides: dict[str, dict[str, Any]] | None = None) -> None:
         """Take the app down and deploy it again (a restart of every replica)."""
