@@ -35,7 +35,7 @@ class IngressConfig(_Config):
     # lets into the model graph at once; the excess gets 503 before its body
     # is read. 0 = no limit. Size it to what the detector replicas finish
     # promptly (benchmarks/overload.py).
-    max_inflight_images: int = Field(6, ge=0, le=10_000)
+    max_inflight_images: int = Field(4, ge=0, le=10_000)
     # Retry-After sent with 503s caused by overload.
     retry_after_s: int = Field(1, ge=1, le=300)
 
