@@ -35,10 +35,25 @@ class AdmissionGate:
             await _shed(send, self.retry_after_s(), limit)
             return
         self.in_flight += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.in_flight -= 1
+
+        async def send_then_release(message: Message) -> None:
+            # Freed as the last byte goes out, not after the app returns: a
+            # client that sends its next request at once must find room.
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                release()
+            await send(message)
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send_then_release)
         finally:
-            self.in_flight -= 1
+            release()
 
 
 async def _shed(send: Send, retry_after_s: int, limit: int) -> None:
