@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from serve_app.api.app import create_app
 from serve_app.api.deps import Edge
 from serve_app.deployment_config import IngressConfig
+from serve_app.gallery.repository import RemovedFaces
 from serve_app.services.access import Authenticator
 from serve_app.services.gallery import GalleryService
 from serve_app.services.recognition import RecognitionService
@@ -37,9 +38,24 @@ class _Raw:
         yield self.data
 
 
+class _Repo(FakeRepo):
+    """FakeRepo plus delete_collection (the Postgres one is tested through the real app)."""
+
+    async def delete_collection(self, collection: Any) -> RemovedFaces:
+        gone = [fid for fid, (cid, _, _) in self.faces.items() if cid == collection.id]
+        keys = [self.faces[f][1].crop_key or "" for f in gone]
+        for fid in gone:
+            del self.faces[fid]
+        for sid in [sid for sid, (cid, _) in self.subjects.items() if cid == collection.id]:
+            del self.subjects[sid]
+        del self.collections[(collection.tenant, collection.name)]
+        self.seq += 1
+        return RemovedFaces(self.seq, gone, keys)
+
+
 @pytest.fixture()
 def app() -> Iterator[tuple[TestClient, FakeAccess]]:
-    repo = FakeRepo()
+    repo = _Repo()
     pipe = FakePipeline(repo)
     pipe.script(ADA, unit(1, 0, 0, 0))
     pipe.script(ADA2, unit(1, 0.1, 0, 0))
@@ -120,6 +136,18 @@ def test_boto3_collection_index_search_users(app) -> None:
         rk.delete_user(CollectionId="staff", UserId="bob")
     with pytest.raises(rk.exceptions.ResourceNotFoundException):
         rk.list_faces(CollectionId="nope")
+
+    # DeleteCollection: gone from this replica's cache too, then every call on it is a 404.
+    assert rk.describe_collection(CollectionId="staff")["UserCount"] == 1
+    assert rk.delete_collection(CollectionId="staff")["StatusCode"] == 200
+    for call in (lambda: rk.describe_collection(CollectionId="staff"),
+                 lambda: rk.search_faces_by_image(CollectionId="staff", Image={"Bytes": ADA}),
+                 lambda: rk.index_faces(CollectionId="staff", Image={"Bytes": ADA}, ExternalImageId="ada"),
+                 lambda: rk.delete_collection(CollectionId="staff")):
+        with pytest.raises(rk.exceptions.ResourceNotFoundException):
+            call()
+    assert rk.create_collection(CollectionId="staff")["StatusCode"] == 200  # the name is free again
+    assert rk.describe_collection(CollectionId="staff")["UserCount"] == 0
 
 
 def aws_uuid(n: int) -> str:
