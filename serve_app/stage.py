@@ -26,6 +26,22 @@ class Traced(Protocol):
     trace: dict[str, str]
 
 
+# Model work runs at a lower CPU priority than the event loops that route,
+# batch and shed requests: when the cores are saturated, a refusal or a
+# health check must not wait behind a convolution. Linux applies nice per
+# thread, so only the executor's compute thread is lowered.
+COMPUTE_NICENESS = 5
+
+
+def _lower_priority(niceness: int) -> None:
+    import os
+
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, 0) + niceness)
+    except (OSError, AttributeError):  # not permitted / not Linux: run at normal priority
+        pass
+
+
 class BatchedStage:
     """Runs ``work(batch)`` on a one-thread executor and records it.
 
@@ -33,12 +49,14 @@ class BatchedStage:
     is sized to that (see model_threads()); more threads would only contend.
     """
 
-    def __init__(self, name: str, metrics: ServiceMetrics, *, span: str | None = None) -> None:
+    def __init__(self, name: str, metrics: ServiceMetrics, *, span: str | None = None,
+                 niceness: int = COMPUTE_NICENESS) -> None:
         """``span``: the per-request span's name; None when the work records its own."""
         self.name = name
         self.span = span
         self._metrics = metrics
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name,
+                                            initializer=_lower_priority, initargs=(niceness,))
 
     async def run(
         self,
