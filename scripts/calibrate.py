@@ -19,8 +19,8 @@
    the same person as the probe. TAR at the table's FMR 1e-3 threshold, per
    degradation; a probe where no face is found counts as a rejection.
 5. --relandmark: the same, with probe and gallery aligned on MTCNN's landmarks
-   (MTCNN run on the region around YuNet's face), always or only when the
-   quality module flags the YuNet face.
+   (models.alignment.Relandmarker: MTCNN on the region around YuNet's face),
+   always, or only for small faces and faces the quality check flags.
 --write stores the table in configs/calibration_sface.json.
 """
 from __future__ import annotations
@@ -42,14 +42,13 @@ os.environ.setdefault("FACE_MODELS_DIR", str(SHARED / "models"))
 
 from PIL import Image  # noqa: E402
 
-from models.alignment import align_face  # noqa: E402
+from models.alignment import Relandmarker  # noqa: E402
 from models.calibration import CONFIG_DIR, from_points  # noqa: E402
 from models.degrade import DEGRADATIONS, crop_around, degrade  # noqa: E402
-from models.detection import DetectedFace, MTCNNDetector, YuNetDetector, _iou  # noqa: E402
+from models.detection import DetectedFace, MTCNNDetector, YuNetDetector  # noqa: E402
 from models.embedding import SFaceEmbedder  # noqa: E402
 from models.images import decode_image  # noqa: E402
 from models.pipeline import FacePipeline  # noqa: E402
-from models.quality import assess  # noqa: E402
 
 TABLE_FMRS = (0.5, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 PORTRAIT_MARGIN = 0.8
@@ -203,32 +202,16 @@ def tar_by_degradation(pairs, embed_of, threshold: float) -> dict[str, tuple[int
     return {k: (v[0], v[1]) for k, v in out.items()}
 
 
-def relandmark(samples: list[Sample], mtcnn: MTCNNDetector, embedder: SFaceEmbedder,
-               only_flagged: bool) -> dict[int, np.ndarray | None]:
-    """Embeddings of the samples aligned on MTCNN's landmarks, found in the
-    region around YuNet's face; YuNet's embedding where MTCNN finds nothing
-    there (or, with only_flagged, where quality raised no reason)."""
-    out: dict[int, np.ndarray | None] = {}
-    for i, s in enumerate(samples):
+def relandmark(samples: list[Sample], relandmarker: Relandmarker, embedder: SFaceEmbedder) -> list[np.ndarray | None]:
+    """Embeddings of the samples aligned by the re-landmarker (models/alignment.py)."""
+    out: list[np.ndarray | None] = []
+    for s in samples:
         if s.face is None:
-            out[i] = None
-            continue
-        if only_flagged and not assess(s.image, s.face).reasons:
-            out[i] = s.embedding
-            continue
-        x1, y1, x2, y2 = s.face.box
-        mx, my = 0.5 * (x2 - x1), 0.5 * (y2 - y1)
-        h, w = s.image.shape[:2]
-        ox, oy = int(max(0, x1 - mx)), int(max(0, y1 - my))
-        region = np.ascontiguousarray(s.image[oy:int(min(h, y2 + my)), ox:int(min(w, x2 + mx))])
-        cands = mtcnn.detect(region)
-        best = max(cands, key=lambda f: _iou(s.face.box, (f.box[0] + ox, f.box[1] + oy, f.box[2] + ox, f.box[3] + oy)),
-                   default=None)
-        if best is None:
-            out[i] = s.embedding
-            continue
-        lms = best.landmarks + np.array([ox, oy], np.float32)
-        out[i] = embedder.embed(align_face(s.image, lms, 112)[None])[0]
+            out.append(None)
+        elif not relandmarker.wants(s.image, s.face):
+            out.append(s.embedding)
+        else:
+            out.append(embedder.embed(relandmarker.align(s.image, s.face)[None])[0])
     return out
 
 
@@ -275,17 +258,23 @@ def main() -> None:
     print(f"genuine pairs: {len(pairs)} (clean enrolment vs degraded other photo); FMR 1e-3 threshold {thr:.3f}")
     report("YuNet landmarks", lambda s: s.embedding, thr)
     report("YuNet landmarks, OpenCV's 0.363", lambda s: s.embedding, 0.363)
+    for f in (1e-2, 1e-4, 1e-5, 1e-6):
+        per = tar_by_degradation(pairs, lambda s: s.embedding, calib.threshold_for(f))
+        acc, tot = sum(v[0] for v in per.values()), sum(v[1] for v in per.values())
+        print(f"  TAR at FMR {f:g} (threshold {calib.threshold_for(f):.3f}): {acc}/{tot} = {acc / tot:.3f}")
     if args.relandmark:
         mtcnn = MTCNNDetector(torch_threads=1)
-        for only_flagged in (False, True):
-            emb = relandmark(samples, mtcnn, sface, only_flagged)
-            rs = [s for i, s in enumerate(samples) if emb[i] is not None]
-            ids = np.array([sources[s.source].identity for s in rs])
-            e = np.stack([emb[index[id(s)]] for s in rs])
-            sims = (e @ e.T)[np.triu_indices(len(rs), 1)]
-            diff = ids[np.triu_indices(len(rs), 1)[0]] != ids[np.triu_indices(len(rs), 1)[1]]
-            own = float(np.quantile(sims[diff], 1 - 1e-3))
-            label = "MTCNN landmarks when quality flags the face" if only_flagged else "MTCNN landmarks always"
+        for policy in ("always", "small_or_flagged"):
+            t1 = time.perf_counter()
+            rl = Relandmarker(mtcnn, policy)
+            emb = relandmark(samples, rl, sface)
+            used = sum(s.face is not None and rl.wants(s.image, s.face) for s in samples)
+            keep = [i for i, e in enumerate(emb) if e is not None]
+            ids = np.array([sources[samples[i].source].identity for i in keep])
+            e = np.stack([emb[i] for i in keep])
+            iu = np.triu_indices(len(keep), 1)
+            own = float(np.quantile((e @ e.T)[iu][ids[iu[0]] != ids[iu[1]]], 1 - 1e-3))
+            label = f"MTCNN landmarks, policy {policy} ({used}/{len(samples)} faces, {time.perf_counter() - t1:.0f} s)"
             report(f"{label} (table threshold)", lambda s, emb=emb: emb[index[id(s)]], thr)
             report(f"{label} (own empirical FMR 1e-3 threshold)", lambda s, emb=emb: emb[index[id(s)]], own)
         own_base = float(tails["empirical"][1e-3])

@@ -3,8 +3,8 @@
     FACE_MODELS_DIR=../shared/models python scripts/eval_tight_crops.py [--detector yunet] [--per-face 10]
 
 Prints found / total, where "found" means exactly one face whose landmarks lie
-within 0.5 eye-distances of the reference landmarks (those the same detector
-finds on the full photo, mapped into the crop), then the misses by parameter.
+within 0.5 eye-distances of the reference landmarks (YuNet's plain pass on the
+full-resolution photo, mapped into the crop), then the misses by parameter.
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ os.environ.setdefault("FACE_MODELS_DIR", str(SHARED / "models"))
 
 from models.degrade import TightCrop, reference_faces, tight_crop_variants  # noqa: E402
 from models.detection import FaceDetector, YuNetDetector, make_detector  # noqa: E402
-from models.images import decode_image  # noqa: E402
 
 LANDMARK_TOLERANCE = 0.5  # max point error, in reference eye distances
 
