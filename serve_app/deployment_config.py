@@ -36,11 +36,23 @@ class IngressConfig(_Config):
     # is read. 0 = no limit. Size it to what the detector replicas finish
     # promptly (benchmarks/overload.py).
     max_inflight_images: int = Field(4, ge=0, le=10_000)
+    # Enrolment refuses faces whose quality score is below this (422 low_quality
+    # with the reasons); 0.5 = "no quality reasons", higher asks for margin.
+    enrol_min_quality: float = Field(0.5, ge=0.0, le=1.0)
+    # Decisions by false-match rate (configs/calibration_sface.json): when a
+    # request gives no target_fmr the thresholds above decide "match"; a score
+    # between the threshold for maybe_fmr and the match threshold is "maybe".
+    maybe_fmr: float = Field(1e-3, gt=0.0, lt=1.0)
+    # Feedback: an identify whose probe is at least this similar to a probe
+    # reported as "not subject X" does not decide for X.
+    feedback_similarity: float = Field(0.5, ge=-1.0, le=1.0)
     # Retry-After sent with 503s caused by overload.
     retry_after_s: int = Field(1, ge=1, le=300)
 
 
 class DetectorConfig(_Config):
+    # Where each quality reason starts (models/quality.py QualityBars; unknown keys fail).
+    quality_bars: dict[str, float | list[float]] = Field(default_factory=dict)
     detector: Literal["yunet", "mtcnn"] = "yunet"
     score_threshold: float = Field(0.7, gt=0.0, lt=1.0)
     min_face_size: int = Field(20, ge=4)

@@ -21,6 +21,7 @@ from PIL import Image
 from models.alignment import align_face
 from models.detection import DetectedFace, FaceDetector
 from models.liveness import LIVENESS_SPECS, liveness_crop
+from models.quality import FaceQuality, QualityBars, assess_face
 from models.working_image import WorkingImage, decode_working
 from serve_app.deployment_config import DetectorConfig
 from serve_app.messages import DetectionResult, DetectOptions, FaceInfo
@@ -40,6 +41,7 @@ class FaceCrops:
     aligned: np.ndarray  # (112, 112, 3) uint8 RGB
     liveness: dict[float, np.ndarray] | None  # scale -> (80, 80, 3) BGR
     enrol_jpeg: bytes | None
+    quality: FaceQuality | None = None
 
 
 def _scaled(face: DetectedFace, factor: float, dx: float = 0.0, dy: float = 0.0) -> tuple[tuple[float, float, float, float], np.ndarray]:
@@ -49,8 +51,10 @@ def _scaled(face: DetectedFace, factor: float, dx: float = 0.0, dy: float = 0.0)
     return box, lms
 
 
-def cut_face(work: WorkingImage, face: DetectedFace, *, liveness: bool, enrol: bool) -> FaceCrops:
-    """``face`` is in original-image coordinates."""
+def cut_face(work: WorkingImage, face: DetectedFace, *, liveness: bool, enrol: bool,
+             bars: QualityBars | None = None) -> FaceCrops:
+    """``face`` is in original-image coordinates. Quality is measured on the
+    same pixels the aligned crop comes from (full resolution for small faces)."""
     small = min(face.width, face.height) * work.scale < FULL_RES_BELOW_PX and work.scale < 1.0
     if small or enrol:
         pixels, (ox, oy), factor = _region(work, face)
@@ -62,7 +66,8 @@ def cut_face(work: WorkingImage, face: DetectedFace, *, liveness: bool, enrol: b
     if liveness:
         live = {spec.scale: liveness_crop(pixels, box, spec.scale, LIVENESS_SIZE) for spec in LIVENESS_SPECS}
     enrol_jpeg = _enrol_jpeg(pixels, box) if enrol else None
-    return FaceCrops(aligned, live, enrol_jpeg)
+    quality = assess_face(pixels, lms, face.score, bars) if bars is not None else None
+    return FaceCrops(aligned, live, enrol_jpeg, quality)
 
 
 def _region(work: WorkingImage, face: DetectedFace) -> tuple[np.ndarray, tuple[float, float], float]:
@@ -106,7 +111,8 @@ def run_detection(detector: FaceDetector, data: bytes, cfg: DetectorConfig, opts
     inv = 1.0 / work.scale
     faces = [DetectedFace((f.box[0] * inv, f.box[1] * inv, f.box[2] * inv, f.box[3] * inv),
                           f.landmarks * np.float32(inv), float(f.score)) for f in found]
-    crops = [cut_face(work, f, liveness=opts.liveness_crops, enrol=opts.enrol_crops) for f in faces]
+    bars = QualityBars.from_mapping(cfg.quality_bars)
+    crops = [cut_face(work, f, liveness=opts.liveness_crops, enrol=opts.enrol_crops, bars=bars) for f in faces]
     t3 = time.perf_counter()
     aligned = (np.stack([c.aligned for c in crops]) if crops
                else np.zeros((0, ALIGNED_SIZE, ALIGNED_SIZE, 3), np.uint8))
@@ -116,7 +122,8 @@ def run_detection(detector: FaceDetector, data: bytes, cfg: DetectorConfig, opts
                           else np.zeros((0, LIVENESS_SIZE, LIVENESS_SIZE, 3), np.uint8))
                 for s in LIVENESS_SPECS}
     return DetectionResult(
-        faces=[FaceInfo(f.box, f.landmarks, f.score) for f in faces],
+        faces=[FaceInfo(f.box, f.landmarks, f.score, c.quality.to_dict() if c.quality else None)
+               for f, c in zip(faces, crops)],
         aligned=aligned,
         liveness_crops=live,
         enrol_crops=[c.enrol_jpeg for c in crops if c.enrol_jpeg is not None] if opts.enrol_crops else None,

@@ -49,6 +49,12 @@ class MultipleFaces(CallerError):
     code = "multiple_faces"
 
 
+class LowQuality(CallerError):
+    """The face is too poor a sample to enrol; details carry score and reasons."""
+
+    code = "low_quality"
+
+
 class SpoofDetected(CallerError):
     code = "spoof_detected"
 

@@ -21,7 +21,7 @@ Send = Callable[[Message], Awaitable[None]]
 
 DEFAULT_CAP = 64 * 1024
 MAX_JSON_DEPTH = 32
-_IMAGE_ROUTES = re.compile(r"^/v1/(detect|identify|verify|liveness|subjects/[^/]+/faces)/?$"
+_IMAGE_ROUTES = re.compile(r"^/v1/(detect|identify|verify|liveness|subjects/[^/]+/(faces|not-this-person))/?$"
                            # the compatibility layers: Rekognition's POST / and CompreFace's image routes
                            r"|^/$|^/api/v1/(recognition/(recognize|faces|faces/[^/]+/verify)"
                            r"|detection/detect|verification/verify)/?$")

@@ -44,6 +44,8 @@ class Edge:
     auth: Authenticator
     quota: QuotaPort | None = None
     access: Any = None  # AccessRepository: keys, tenants, audit (admin routes)
+    calibration: Any = None  # models.calibration.Calibration of the running embedder, if there is one
+    feedback: Any = None  # services.feedback.FeedbackService
     ready: Callable[[], Any] | None = None
     observe_stages: Callable[[dict[str, float]], None] | None = None  # stage-latency metric
     extras: dict[str, Any] = field(default_factory=dict)

@@ -36,6 +36,7 @@ STATUS: dict[type[BaseException], int] = {
     e.NoFaceFound: 422,
     e.MultipleFaces: 422,
     e.SpoofDetected: 422,
+    e.LowQuality: 422,
     e.RateLimited: 429,
     e.CallerError: 400,
     e.ServiceUnavailable: 503,

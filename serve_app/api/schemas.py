@@ -42,10 +42,17 @@ class LivenessOut(BaseModel):
     threshold: float
 
 
+class QualityOut(BaseModel):
+    score: float = Field(description="0-1; below 0.5 exactly when there are reasons")
+    reasons: list[str] = Field(description="too_small, blurred, too_dark, too_bright, strong_pose, "
+                                           "partly_outside, low_detection_score")
+
+
 class FaceOut(BaseModel):
     box: BoxOut
     landmarks: list[list[float]] = Field(description="5 points: eyes, nose tip, mouth corners")
     score: float
+    quality: QualityOut | None = None
     liveness: LivenessOut | None = None
 
 
@@ -63,11 +70,15 @@ def liveness_out(result: LivenessResult | None, i: int) -> LivenessOut | None:
 def face_out(face: FaceInfo, liveness: LivenessResult | None = None, i: int = 0) -> FaceOut:
     """``liveness`` is left unset (and out of the JSON) when it was not checked."""
     live = liveness_out(liveness, i)
+    extra: dict[str, Any] = {"liveness": live} if live is not None else {}
+    if face.quality is not None:
+        extra["quality"] = QualityOut(score=round(float(face.quality["score"]), 3),  # type: ignore[arg-type]
+                                      reasons=list(face.quality["reasons"]))  # type: ignore[call-overload]
     return FaceOut(
         box=box_out(face.box),
         landmarks=[[round(float(x), 1), round(float(y), 1)] for x, y in face.landmarks],
         score=round(float(face.score), 4),
-        **({"liveness": live} if live is not None else {}),
+        **extra,
     )
 
 
@@ -114,6 +125,10 @@ class VerifyResponse(BaseModel):
     similarity: float
     threshold: float
     match: bool
+    decision: Literal["match", "maybe", "no_match"]
+    fmr: float | None = Field(None, description="estimated false-match rate of accepting at this similarity")
+    target_fmr: float | None = Field(None, description="the FMR the threshold stands for")
+    maybe_threshold: float | None = None
     model: str
     faces: VerifyFaces | None = None
     face: FaceOut | None = None
@@ -125,6 +140,8 @@ class CandidateOut(BaseModel):
     subject_id: str
     name: str | None
     similarity: float
+    fmr: float | None = Field(None, description="estimated false-match rate at this similarity")
+    demoted: bool = Field(False, description="reported 'not this person' for a probe like this one")
 
 
 class MatchedSubject(BaseModel):
@@ -134,7 +151,7 @@ class MatchedSubject(BaseModel):
 
 
 class IdentifiedFaceOut(FaceOut):
-    decision: Literal["match", "unknown"]
+    decision: Literal["match", "maybe", "unknown"]
     subject: MatchedSubject | None
     candidates: list[CandidateOut]
 
@@ -143,6 +160,8 @@ class IdentifyResponse(BaseModel):
     faces: list[IdentifiedFaceOut]
     collection: str
     threshold: float
+    target_fmr: float | None = None
+    maybe_threshold: float | None = None
     seq: int
     timings_ms: Timings
 
@@ -157,6 +176,7 @@ class ImageForm(BaseModel):
     top_k: int | None = Field(None, ge=1, le=100)
     min_seq: int | None = Field(None, ge=0)
     largest: bool | None = None
+    target_fmr: float | None = Field(None, gt=0, lt=1, description="decide at this false-match rate")
 
 
 class ImageJSON(BaseModel):
@@ -168,6 +188,7 @@ class ImageJSON(BaseModel):
     top_k: int | None = Field(None, ge=1, le=100)
     min_seq: int | None = Field(None, ge=0)
     largest: bool | None = None
+    target_fmr: float | None = Field(None, gt=0, lt=1, description="decide at this false-match rate")
 
 
 class VerifyForm(BaseModel):
@@ -178,6 +199,7 @@ class VerifyForm(BaseModel):
     subject_id: str | None = None
     collection: str | None = None
     liveness: LivenessParam | None = None
+    target_fmr: float | None = Field(None, gt=0, lt=1, description="decide at this false-match rate")
 
 
 class VerifyJSON(BaseModel):
@@ -188,6 +210,7 @@ class VerifyJSON(BaseModel):
     subject_id: str | None = None
     collection: str | None = None
     liveness: LivenessParam | None = None
+    target_fmr: float | None = Field(None, gt=0, lt=1, description="decide at this false-match rate")
 
 
 # --- gallery ---------------------------------------------------------------------------------
@@ -299,3 +322,26 @@ class Readiness(BaseModel):
 
 # Models documented as request bodies of the image routes (see api/app.py).
 REQUEST_BODY_MODELS: tuple[type[BaseModel], ...] = (ImageForm, ImageJSON, VerifyForm, VerifyJSON)
+
+
+class FeedbackIn(BaseModel):
+    """JSON form of "not this person": the identify answer's trace id and face index."""
+
+    model_config = ConfigDict(extra="forbid")
+    trace_id: str = Field(min_length=16, max_length=64, pattern=r"^[0-9a-f]+$")
+    face: int = Field(0, ge=0, le=1000)
+    note: str = Field("", max_length=1000)
+    collection: str | None = Field(None, max_length=128)
+
+
+class FeedbackOut(BaseModel):
+    id: int
+    subject_id: str
+    source: str
+    actor: str
+    note: str
+    created_at: str
+
+
+class FeedbackList(BaseModel):
+    feedback: list[FeedbackOut]

@@ -25,11 +25,23 @@ from serve_app.metrics import ServiceMetrics
 from serve_app.pipeline_client import PipelineClient
 from serve_app.quota import RequestQuota
 from serve_app.services.access import Authenticator
+from serve_app.services.feedback import FeedbackService, ProbeCache
 from serve_app.services.gallery import GalleryService
 from serve_app.services.recognition import RecognitionService
 from serve_app.settings import Settings
 
 log = logging.getLogger("ray.serve")
+
+
+def _calibration(model: str) -> Any:
+    """The FMR calibration of the running embedder, or None (then target_fmr is refused)."""
+    from models.calibration import load_calibration
+
+    try:
+        return load_calibration(model)
+    except ValueError:
+        log.warning("no FMR calibration for embedder %s: target_fmr and FMR estimates are off", model)
+        return None
 
 
 class _Outcomes:
@@ -63,8 +75,11 @@ class Ingress:
         await gallery.collection(settings.default_collection, create=True)
         self._access = AccessRepository(self._repo.pool)
         bootstrap = settings.api_key.get_secret_value().encode() if settings.api_key else None
+        probes = ProbeCache()
         self._edge = Edge(
-            recognition=RecognitionService(self._pipeline, self._repo, _Outcomes(self._metrics)),
+            recognition=RecognitionService(self._pipeline, self._repo, _Outcomes(self._metrics), probes),
+            feedback=FeedbackService(self._pipeline, self._repo, probes),
+            calibration=_calibration(info["model"]),
             gallery=gallery,
             config=lambda: self._config,
             auth=Authenticator(self._access, bootstrap),

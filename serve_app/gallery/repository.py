@@ -16,6 +16,7 @@ import asyncpg
 import numpy as np
 
 from serve_app.errors import CollectionNotFound, Conflict, FaceNotFound, InvalidRequest, SubjectNotFound
+from serve_app.errors import NotFound as NotFoundError
 
 from .migrations import migrate
 
@@ -123,6 +124,29 @@ class RemovedFaces:
     seq: int
     face_ids: list[int]
     crop_keys: list[str]
+
+
+@dataclass
+class NewFace:
+    """One face for GalleryRepository.add_faces (bulk enrolment)."""
+
+    subject_id: uuid.UUID
+    embedding: np.ndarray = field(repr=False)
+    model: str
+    image_sha256: str
+    crop_key: str | None
+    box: dict[str, float]
+    det_score: float
+
+
+@dataclass
+class BulkAdd:
+    """What add_faces did, keyed by (subject id, image sha256)."""
+
+    added: dict[tuple[uuid.UUID, str], int]  # -> face id
+    already: set[tuple[uuid.UUID, str]]
+    missing_subject: set[tuple[uuid.UUID, str]]
+    seq: int
 
 
 def _vec_to_bytes(vec: np.ndarray) -> bytes:
@@ -371,6 +395,101 @@ class GalleryRepository:
             await conn.execute("UPDATE subjects SET updated_at = now() WHERE id = $1", subject_id)
         return FaceRecord(**dict(row)), seq
 
+    # --- bulk (serve_app/jobs) -------------------------------------------------
+    async def ensure_subjects(
+        self, collection: Collection, names: dict[str, dict[str, Any]]
+    ) -> dict[str, uuid.UUID]:
+        """{name: id} for these names, creating the missing ones (with the given
+        metadata); concurrent callers creating the same name get the same row."""
+        clean = {_clean_name(n): meta for n, meta in names.items()}
+        if not clean:
+            return {}
+        async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
+            await conn.executemany(
+                "INSERT INTO subjects (id, collection_id, name, metadata) VALUES ($1, $2, $3, $4) "
+                "ON CONFLICT (collection_id, name) DO NOTHING",
+                [(uuid.uuid4(), collection.id, n, meta or {}) for n, meta in clean.items()],
+            )
+            rows = await conn.fetch(
+                "SELECT id, name FROM subjects WHERE collection_id = $1 AND name = ANY($2::text[])",
+                collection.id, list(clean),
+            )
+        return {r["name"]: r["id"] for r in rows}
+
+    async def existing_subject_ids(self, collection: Collection, ids: list[uuid.UUID]) -> set[uuid.UUID]:
+        async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
+            rows = await conn.fetch(
+                "SELECT id FROM subjects WHERE collection_id = $1 AND id = ANY($2::uuid[])", collection.id, ids)
+        return {r["id"] for r in rows}
+
+    async def enrolled_images(
+        self, collection: Collection, model: str, pairs: list[tuple[uuid.UUID, str]]
+    ) -> set[tuple[uuid.UUID, str]]:
+        """Which (subject id, image sha256) pairs already have a face from this model."""
+        if not pairs:
+            return set()
+        async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
+            rows = await conn.fetch(
+                "SELECT f.subject_id, f.image_sha256 FROM faces f "
+                "JOIN unnest($2::uuid[], $3::text[]) AS p(s, h) ON f.subject_id = p.s AND f.image_sha256 = p.h "
+                "WHERE f.collection_id = $1 AND f.model = $4",
+                collection.id, [p[0] for p in pairs], [p[1] for p in pairs], model,
+            )
+        return {(r["subject_id"], r["image_sha256"]) for r in rows}
+
+    async def add_faces(self, collection: Collection, faces: list[NewFace]) -> BulkAdd:
+        """Many faces in one transaction, shaped like add_face: changelog lock,
+        the subjects' rows locked, one `add` log entry per face, NOTIFY of the
+        newest seq. A face whose (subject, image sha256, model) is already in
+        the gallery is not added again (checked under the lock, so concurrent
+        bulk writers never duplicate), nor one whose subject was deleted."""
+        for f in faces:
+            if f.model != collection.embedder or f.embedding.shape != (collection.dim,):
+                raise InvalidRequest(
+                    f"embedding from {f.model} ({f.embedding.shape[0]}-d) does not fit collection "
+                    f"{collection.name!r} ({collection.embedder}, {collection.dim}-d)")
+        result = BulkAdd(added={}, already=set(), missing_subject=set(), seq=0)
+        if not faces:
+            return result
+        async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn, conn.transaction():
+            await _lock_changelog(conn)
+            sids = sorted({f.subject_id for f in faces})
+            live = {r["id"] for r in await conn.fetch(
+                "SELECT id FROM subjects WHERE collection_id = $1 AND id = ANY($2::uuid[]) ORDER BY id FOR UPDATE",
+                collection.id, sids)}
+            have = {(r["subject_id"], r["image_sha256"]) for r in await conn.fetch(
+                "SELECT subject_id, image_sha256 FROM faces WHERE collection_id = $1 AND model = $2 "
+                "AND subject_id = ANY($3::uuid[]) AND image_sha256 = ANY($4::text[])",
+                collection.id, collection.embedder, sids, sorted({f.image_sha256 for f in faces}))}
+            new: list[tuple[int, NewFace]] = []
+            for f in faces:
+                key = (f.subject_id, f.image_sha256)
+                if f.subject_id not in live:
+                    result.missing_subject.add(key)
+                elif key in have:
+                    result.already.add(key)
+                else:
+                    have.add(key)  # a duplicate later in this batch is "already there"
+                    face_id = await conn.fetchval(
+                        """INSERT INTO faces (subject_id, collection_id, embedding, model, dim,
+                                              image_sha256, crop_key, box, det_score)
+                           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id""",
+                        f.subject_id, collection.id, _vec_to_bytes(f.embedding), f.model, collection.dim,
+                        f.image_sha256, f.crop_key, f.box, float(f.det_score))
+                    new.append((face_id, f))
+            if new:
+                seqs = await conn.fetch(
+                    "INSERT INTO changes (collection_id, op, face_id, subject_id) "
+                    "SELECT $1, 'add', t.f, t.s FROM unnest($2::bigint[], $3::uuid[]) WITH ORDINALITY AS t(f, s, o) "
+                    "ORDER BY t.o RETURNING seq",
+                    collection.id, [i for i, _ in new], [f.subject_id for _, f in new])
+                result.seq = max(r["seq"] for r in seqs)
+                await _notify_change(conn, result.seq)
+                await conn.execute("UPDATE subjects SET updated_at = now() WHERE id = ANY($1::uuid[])",
+                                   sorted({f.subject_id for _, f in new}))
+                result.added = {(f.subject_id, f.image_sha256): i for i, f in new}
+        return result
+
     async def list_faces(self, collection: Collection, subject_id: uuid.UUID) -> list[FaceRecord]:
         await self.get_subject(collection, subject_id)
         async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
@@ -506,9 +625,55 @@ class GalleryRepository:
             for r in rows
         ]
 
+    # --- "not this person" feedback -------------------------------------------
+    async def add_feedback(self, collection: Collection, subject_id: uuid.UUID, embedding: np.ndarray, *,
+                           model: str, source: str, actor: str, note: str = "") -> dict[str, Any]:
+        async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
+            row = await conn.fetchrow(
+                """INSERT INTO feedback (collection_id, subject_id, embedding, model, source, actor, note)
+                   SELECT $1, s.id, $3, $4, $5, $6, $7 FROM subjects s
+                   WHERE s.id = $2 AND s.collection_id = $1
+                   RETURNING id, subject_id, source, actor, note, created_at""",
+                collection.id, subject_id, _vec_to_bytes(embedding), model, source, actor, note)
+        if row is None:
+            raise SubjectNotFound(f"no subject with id {subject_id}", subject_id=str(subject_id))
+        return _feedback_dict(row)
+
+    async def list_feedback(self, collection: Collection, subject_id: uuid.UUID | None = None,
+                            limit: int = 100) -> list[dict[str, Any]]:
+        async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
+            rows = await conn.fetch(
+                """SELECT id, subject_id, source, actor, note, created_at FROM feedback
+                   WHERE collection_id = $1 AND ($2::uuid IS NULL OR subject_id = $2)
+                   ORDER BY id DESC LIMIT $3""", collection.id, subject_id, limit)
+        return [_feedback_dict(r) for r in rows]
+
+    async def delete_feedback(self, collection: Collection, feedback_id: int) -> None:
+        async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
+            done = await conn.execute("DELETE FROM feedback WHERE id = $1 AND collection_id = $2",
+                                      feedback_id, collection.id)
+        if done.endswith(" 0"):
+            raise NotFoundError(f"no feedback {feedback_id}", feedback_id=feedback_id)
+
+    async def feedback_vectors(self, collection: Collection,
+                               subject_ids: list[uuid.UUID]) -> dict[uuid.UUID, np.ndarray]:
+        async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
+            rows = await conn.fetch(
+                "SELECT subject_id, embedding FROM feedback WHERE collection_id = $1 AND subject_id = ANY($2)",
+                collection.id, subject_ids)
+        out: dict[uuid.UUID, list[np.ndarray]] = {}
+        for r in rows:
+            out.setdefault(r["subject_id"], []).append(bytes_to_vec(r["embedding"]))
+        return {k: np.stack(v) for k, v in out.items()}
+
     async def latest_seq(self) -> int:
         async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
             return await conn.fetchval("SELECT coalesce(max(seq), 0) FROM changes")
+
+
+def _feedback_dict(row: asyncpg.Record) -> dict[str, Any]:
+    return {"id": row["id"], "subject_id": str(row["subject_id"]), "source": row["source"],
+            "actor": row["actor"], "note": row["note"], "created_at": row["created_at"].isoformat()}
 
 
 def _clean_name(name: str) -> str:

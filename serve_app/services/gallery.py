@@ -17,7 +17,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from serve_app.errors import CollectionNotFound, InvalidRequest, ModelMismatch
+from serve_app.errors import CollectionNotFound, InvalidRequest, LowQuality, ModelMismatch
+from serve_app.errors import FaceNotFound, NotFound, ServiceUnavailable
 from serve_app.gallery.repository import Collection, FaceRecord, RemovedFaces, Subject
 from serve_app.pipeline_client import AnalyseSpec, Analysis
 from serve_app.services.liveness_policy import LivenessPolicy, enforce
@@ -48,6 +49,7 @@ class GalleryRepo(Protocol):
 
 class ObjectPort(Protocol):
     async def aput(self, key: str, data: bytes) -> None: ...
+    async def aget(self, key: str) -> bytes: ...
     async def adelete_many(self, keys: list[str]) -> list[str]: ...
 
 
@@ -154,13 +156,19 @@ class GalleryService:
 
     # --- faces ------------------------------------------------------------------------
     async def enrol(self, collection: Collection, sid: uuid.UUID, data: bytes, timer: StageTimer, *,
-                    largest: bool, policy: LivenessPolicy) -> Enrolment:
+                    largest: bool, policy: LivenessPolicy, min_quality: float = 0.0) -> Enrolment:
         await self.repo.get_subject(collection, sid)  # 404 before any model work
         analysis = await self.pipeline.analyse(
             data, AnalyseSpec(embed=True, liveness=policy.checks, enrol_crops=True))
         for stage, ms in analysis.timings().items():
             timer.add(stage, ms)
         i = single_face(analysis, "image", largest=largest)
+        quality = analysis.detection.faces[i].quality
+        if quality is not None and float(quality["score"]) < min_quality:  # type: ignore[arg-type]
+            raise LowQuality(
+                f"the face is too poor a sample to enrol ({', '.join(quality['reasons']) or 'low score'}); "  # type: ignore[arg-type]
+                "nothing was enrolled",
+                score=quality["score"], reasons=quality["reasons"], min_quality=min_quality)
         enforce(policy, analysis.liveness, faces=[i])
         if analysis.embeddings is None or not analysis.detection.enrol_crops:
             raise InvalidRequest("the image gave no face crop to enrol")
@@ -193,6 +201,22 @@ class GalleryService:
 
     async def list_faces(self, collection: Collection, sid: uuid.UUID) -> list[FaceRecord]:
         return await self.repo.list_faces(collection, sid)
+
+    async def face_crop(self, collection: Collection, sid: uuid.UUID, face_id: int) -> bytes:
+        """The stored JPEG of one face of this collection's subject; any other face is
+        not found (another tenant's collection never reaches here)."""
+        # A subject holds a handful of faces: its listing is the tenant-checked lookup.
+        face = next((f for f in await self.repo.list_faces(collection, sid) if f.id == face_id), None)
+        if face is None:
+            raise FaceNotFound(f"subject {sid} has no face {face_id}", face_id=face_id)
+        if not face.crop_key:
+            raise NotFound(f"face {face_id} has no stored crop", face_id=face_id)
+        try:
+            return await self.objects.aget(face.crop_key)
+        except FileNotFoundError:
+            raise NotFound(f"the crop of face {face_id} is missing from the object store", face_id=face_id) from None
+        except OSError as exc:
+            raise ServiceUnavailable(f"object store unavailable: {type(exc).__name__}", retry_after_s=2) from exc
 
     async def delete_face(self, collection: Collection, sid: uuid.UUID, face_id: int) -> int:
         removed = await self.repo.delete_face(collection, sid, face_id)

@@ -9,16 +9,22 @@ from __future__ import annotations
 import asyncio
 import uuid
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
+import logging
+
 from serve_app.errors import InvalidRequest, ModelMismatch, MultipleFaces, NoFaceFound
+from serve_app.services.decisions import DecisionPolicy
 from serve_app.gallery.repository import Collection, Subject
 from serve_app.messages import Hit
 from serve_app.pipeline_client import AnalyseSpec, Analysis, MatchSpec
 from serve_app.services.liveness_policy import LivenessPolicy, enforce
 from serve_app.timing import StageTimer
+
+
+log = logging.getLogger("ray.serve")
 
 
 class PipelinePort(Protocol):
@@ -30,6 +36,7 @@ class RecognitionRepo(Protocol):
     async def get_subject(self, collection: Collection, subject_id: uuid.UUID) -> Subject: ...
     async def subject_names(self, subject_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]: ...
     async def latest_seq(self) -> int: ...
+    async def feedback_vectors(self, collection: Collection, subject_ids: list[uuid.UUID]) -> dict[uuid.UUID, np.ndarray]: ...
 
 
 class Outcomes(Protocol):
@@ -44,13 +51,15 @@ class Candidate:
     subject_id: str
     name: str | None
     similarity: float
+    fmr: float | None = None  # estimated false-match rate of accepting at this similarity
+    demoted: bool = False  # reported "not this person" for a probe like this one
 
 
 @dataclass
 class IdentifiedFace:
     index: int
-    decision: str  # match | unknown
-    subject: Candidate | None
+    decision: str  # match | maybe | unknown
+    subject: Candidate | None  # the match (None for maybe/unknown: see candidates)
     candidates: list[Candidate]
 
 
@@ -59,15 +68,15 @@ class Identification:
     analysis: Analysis
     faces: list[IdentifiedFace]
     collection: str
-    threshold: float
+    policy: DecisionPolicy
     seq: int
 
 
 @dataclass
 class Verification:
     similarity: float
-    threshold: float
-    match: bool
+    policy: DecisionPolicy
+    decision: str  # match | maybe | no_match
     model: str
     first: Analysis
     first_face: int
@@ -76,6 +85,10 @@ class Verification:
     subject: Subject | None = None
     faces_compared: int = 0
     extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def match(self) -> bool:
+        return self.decision == "match"
 
 
 def single_face(analysis: Analysis, what: str, *, largest: bool) -> int:
@@ -91,22 +104,42 @@ def single_face(analysis: Analysis, what: str, *, largest: bool) -> int:
     return 0
 
 
-def decide_identity(hits: list[Hit], names: dict[uuid.UUID, str], threshold: float) -> tuple[Candidate | None, list[Candidate]]:
-    """Best candidate at or above the threshold (or None), and all live candidates."""
+def decide_identity(hits: list[Hit], names: dict[uuid.UUID, str], policy: DecisionPolicy,
+                    demoted: frozenset[str] = frozenset()) -> tuple[str, Candidate | None, list[Candidate]]:
+    """(match | maybe | unknown, the matched candidate or None, every live candidate).
+
+    Candidates of deleted subjects are dropped; demoted ones stay listed but
+    never decide."""
     candidates = [
-        Candidate(h.subject_id, names.get(uuid.UUID(h.subject_id)), float(h.similarity))
+        Candidate(h.subject_id, names.get(uuid.UUID(h.subject_id)), float(h.similarity),
+                  policy.fmr_at(float(h.similarity)), h.subject_id in demoted)
         for h in hits
         if uuid.UUID(h.subject_id) in names  # deleted since the index was read
     ]
-    best = candidates[0] if candidates and candidates[0].similarity >= threshold else None
-    return best, candidates
+    top = next((c for c in candidates if not c.demoted), None)
+    verdict = policy.decide(top.similarity) if top is not None else "no_match"
+    decision = {"match": "match", "maybe": "maybe", "no_match": "unknown"}[verdict]
+    return decision, (top if decision == "match" else None), candidates
+
+
+def _demoted(probe: np.ndarray, hits: list[Hit], feedback: dict[uuid.UUID, np.ndarray],
+             min_similarity: float) -> frozenset[str]:
+    """Subjects this probe was reported not to be (a stored probe within the margin)."""
+    out = set()
+    for h in hits:
+        vecs = feedback.get(uuid.UUID(h.subject_id))
+        if vecs is not None and len(vecs) and float(np.max(vecs @ probe)) >= min_similarity:
+            out.add(h.subject_id)
+    return frozenset(out)
 
 
 class RecognitionService:
-    def __init__(self, pipeline: PipelinePort, repo: RecognitionRepo, outcomes: Outcomes) -> None:
+    def __init__(self, pipeline: PipelinePort, repo: RecognitionRepo, outcomes: Outcomes,
+                 probes: Any = None) -> None:
         self.pipeline = pipeline
         self.repo = repo
         self.outcomes = outcomes
+        self.probes = probes  # feedback.ProbeCache: identify's probes, for "not this person" by trace id
 
     async def analyse(self, data: bytes, timer: StageTimer, spec: AnalyseSpec,
                       policy: LivenessPolicy = LivenessPolicy.OFF) -> Analysis:
@@ -126,7 +159,7 @@ class RecognitionService:
         return analysis
 
     async def verify_pair(self, first: bytes, second: bytes, timer: StageTimer,
-                          policy: LivenessPolicy, threshold: float) -> Verification:
+                          policy: LivenessPolicy, decide: DecisionPolicy) -> Verification:
         spec = AnalyseSpec(embed=True, liveness=policy.checks)
         try:
             a, b = await asyncio.gather(self.analyse(first, timer, spec, policy),
@@ -140,12 +173,12 @@ class RecognitionService:
         if a.embeddings.model != b.embeddings.model:
             raise ModelMismatch("the two images were embedded by different models")
         sim = float(a.embeddings.vectors[i] @ b.embeddings.vectors[j])
-        result = Verification(sim, threshold, sim >= threshold, a.embeddings.model, a, i, b, j)
+        result = Verification(sim, decide, decide.decide(sim), a.embeddings.model, a, i, b, j)
         self.outcomes.verification("match" if result.match else "no_match")
         return result
 
     async def verify_subject(self, data: bytes, collection: Collection, subject_id: uuid.UUID,
-                             timer: StageTimer, policy: LivenessPolicy, threshold: float) -> Verification:
+                             timer: StageTimer, policy: LivenessPolicy, decide: DecisionPolicy) -> Verification:
         try:
             subject = await self.repo.get_subject(collection, subject_id)  # 404 before model work
             models, stored = await self.repo.subject_embeddings(collection, subject_id)
@@ -160,7 +193,7 @@ class RecognitionService:
         if any(m != a.embeddings.model for m in models):
             raise ModelMismatch("the subject's faces were embedded by another model")
         sim = float(np.max(stored @ a.embeddings.vectors[i]))
-        result = Verification(sim, threshold, sim >= threshold, a.embeddings.model, a, i,
+        result = Verification(sim, decide, decide.decide(sim), a.embeddings.model, a, i,
                               subject=subject, faces_compared=len(stored))
         self.outcomes.verification("match" if result.match else "no_match")
         return result
@@ -174,8 +207,8 @@ class RecognitionService:
                                  field="min_seq")
 
     async def identify(self, data: bytes, collection: Collection, timer: StageTimer, *, k: int,
-                       min_seq: int, policy: LivenessPolicy, threshold: float,
-                       known_seq: int = 0) -> Identification:
+                       min_seq: int, policy: LivenessPolicy, decide: DecisionPolicy,
+                       known_seq: int = 0, feedback_similarity: float = 0.5) -> Identification:
         await self._check_min_seq(min_seq, known_seq)
         spec = AnalyseSpec(embed=True, liveness=policy.checks,
                            match=MatchSpec(collection.id, k, max(min_seq, known_seq)))
@@ -189,13 +222,27 @@ class RecognitionService:
         hits = analysis.matches.hits if analysis.matches else [[] for _ in range(len(analysis.detection))]
         ids = list({uuid.UUID(h.subject_id) for per_face in hits for h in per_face})
         names = await self.repo.subject_names(ids) if ids else {}
+        feedback = await self.repo.feedback_vectors(collection, ids) if ids else {}
+        vectors = analysis.embeddings.vectors if analysis.embeddings is not None else None
         faces = []
         for i in range(len(analysis.detection)):
-            best, candidates = decide_identity(hits[i], names, threshold)
-            self.outcomes.identification("match" if best else "unknown")
-            faces.append(IdentifiedFace(i, "match" if best else "unknown", best, candidates))
+            demoted = (_demoted(vectors[i], hits[i], feedback, feedback_similarity)
+                       if feedback and vectors is not None else frozenset())
+            decision, best, candidates = decide_identity(hits[i], names, decide, demoted)
+            if demoted:
+                log.info("identify: demoted %s for face %d after 'not this person' feedback (collection %s)",
+                         sorted(demoted), i, collection.name)
+            self.outcomes.identification("match" if decision == "match" else "unknown")
+            faces.append(IdentifiedFace(i, decision, best, candidates))
+        if self.probes is not None and vectors is not None:
+            from serve_app.telemetry import current_trace_id
+
+            trace_id = current_trace_id()
+            if trace_id:
+                for i in range(len(vectors)):
+                    self.probes.put(trace_id, i, vectors[i], analysis.embeddings.model)  # type: ignore[union-attr]
         seq = analysis.matches.seq if analysis.matches else 0
-        return Identification(analysis, faces, collection.name, threshold, seq)
+        return Identification(analysis, faces, collection.name, decide, seq)
 
     @staticmethod
     def _count_error(exc: BaseException, count: object) -> None:

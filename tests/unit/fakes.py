@@ -33,6 +33,7 @@ class Scripted:
     vectors: list[np.ndarray]
     live: list[float] = field(default_factory=list)
     error: Exception | None = None
+    quality: dict[str, object] | None = None
 
 
 class FakePipeline:
@@ -52,7 +53,7 @@ class FakePipeline:
         if s.error is not None:
             raise s.error
         n = len(s.vectors)
-        faces = [FaceInfo((10.0 * i, 0.0, 10.0 * i + 50.0, 60.0), np.zeros((5, 2), np.float32), 0.9)
+        faces = [FaceInfo((10.0 * i, 0.0, 10.0 * i + 50.0, 60.0), np.zeros((5, 2), np.float32), 0.9, s.quality)
                  for i in range(n)]
         det = DetectionResult(faces=faces, aligned=np.zeros((n, 112, 112, 3), np.uint8),
                               liveness_crops=None, enrol_crops=[b"jpeg%d" % i for i in range(n)] if spec.enrol_crops else None,
@@ -77,6 +78,11 @@ class FakeObjects:
             raise OSError("object store down")
         self.data[key] = data
 
+    async def aget(self, key: str) -> bytes:
+        if key not in self.data:
+            raise FileNotFoundError(key)
+        return self.data[key]
+
     async def adelete_many(self, keys: list[str]) -> list[str]:
         for k in keys:
             self.data.pop(k, None)
@@ -90,6 +96,7 @@ class FakeRepo:
         self.faces: dict[int, tuple[int, FaceRecord, np.ndarray]] = {}
         self.seq = 0
         self.fail_add_face: Exception | None = None
+        self.feedback: dict[int, tuple[int, uuid.UUID, np.ndarray]] = {}
 
     async def ensure_collection(self, name: str, embedder: str, dim: int, tenant: str = "default") -> Collection:
         if (tenant, name) not in self.collections:
@@ -140,6 +147,36 @@ class FakeRepo:
     async def latest_seq(self) -> int:
         return self.seq
 
+    async def feedback_vectors(self, collection: Collection, subject_ids: list[uuid.UUID]) -> dict[uuid.UUID, np.ndarray]:
+        out: dict[uuid.UUID, list[np.ndarray]] = {}
+        for cid, sid, vec in self.feedback.values():
+            if cid == collection.id and sid in subject_ids:
+                out.setdefault(sid, []).append(vec)
+        return {k: np.stack(v) for k, v in out.items()}
+
+    async def add_feedback(self, collection: Collection, subject_id: uuid.UUID, embedding: np.ndarray, *,
+                           model: str, source: str, actor: str, note: str = "") -> dict[str, Any]:
+        await self.get_subject(collection, subject_id)
+        fid = len(self.feedback) + 1
+        self.feedback[fid] = (collection.id, subject_id, np.asarray(embedding, np.float32))
+        return {"id": fid, "subject_id": str(subject_id), "source": source, "actor": actor, "note": note,
+                "created_at": datetime.now(timezone.utc).isoformat()}
+
+    async def list_feedback(self, collection: Collection, subject_id: uuid.UUID | None = None,
+                            limit: int = 100) -> list[dict[str, Any]]:
+        return [{"id": fid, "subject_id": str(sid), "source": "image", "actor": "", "note": "",
+                 "created_at": datetime.now(timezone.utc).isoformat()}
+                for fid, (cid, sid, _) in self.feedback.items()
+                if cid == collection.id and (subject_id is None or sid == subject_id)][:limit]
+
+    async def delete_feedback(self, collection: Collection, feedback_id: int) -> None:
+        from serve_app.errors import NotFound
+
+        found = self.feedback.get(feedback_id)
+        if found is None or found[0] != collection.id:
+            raise NotFound(f"no feedback {feedback_id}")
+        del self.feedback[feedback_id]
+
     async def subject_names(self, subject_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
         return {sid: self.subjects[sid][1].name for sid in subject_ids if sid in self.subjects}
 
@@ -177,6 +214,7 @@ class FakeRepo:
         for fid in gone:
             del self.faces[fid]
         del self.subjects[subject_id]
+        self.feedback = {k: v for k, v in self.feedback.items() if v[1] != subject_id}  # ON DELETE CASCADE
         self.seq += 1
         return RemovedFaces(self.seq, gone, keys)
 

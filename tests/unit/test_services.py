@@ -17,10 +17,15 @@ from serve_app.errors import (
 )
 from serve_app.services.gallery import GalleryService
 from serve_app.services.liveness_policy import LivenessPolicy
+from serve_app.services.decisions import DecisionPolicy
 from serve_app.services.recognition import RecognitionService, decide_identity
 from serve_app.messages import Hit
 from serve_app.timing import StageTimer
 from tests.unit.fakes import DIM, CountingOutcomes, FakeObjects, FakePipeline, FakeRepo, unit
+
+def at(threshold: float, maybe: float | None = None) -> DecisionPolicy:
+    return DecisionPolicy(threshold, maybe, None)
+
 
 A = unit(1, 0, 0, 0)
 A2 = unit(1, 0.2, 0, 0)  # similar to A (cos ~0.98)
@@ -51,8 +56,8 @@ async def _enrolled(gal: GalleryService, pipe: FakePipeline, name: str, vec: np.
 async def test_verify_pair_match_and_no_match(world) -> None:
     _, pipe, _, rec, _, outcomes = world
     a, a2, b = pipe.script(b"a", A), pipe.script(b"a2", A2), pipe.script(b"b", B)
-    same = await rec.verify_pair(a, a2, StageTimer(), LivenessPolicy.OFF, 0.5)
-    diff = await rec.verify_pair(a, b, StageTimer(), LivenessPolicy.OFF, 0.5)
+    same = await rec.verify_pair(a, a2, StageTimer(), LivenessPolicy.OFF, at(0.5))
+    diff = await rec.verify_pair(a, b, StageTimer(), LivenessPolicy.OFF, at(0.5))
     assert same.match and same.similarity == pytest.approx(float(A @ A2))
     assert not diff.match and diff.similarity == pytest.approx(0.0, abs=1e-6)
     assert outcomes.verifications == ["match", "no_match"]
@@ -61,10 +66,10 @@ async def test_verify_pair_match_and_no_match(world) -> None:
 async def test_verify_uses_largest_face_and_requires_one(world) -> None:
     _, pipe, _, rec, _, outcomes = world
     group, none, a = pipe.script(b"g", A, B), pipe.script(b"none"), pipe.script(b"a", A)
-    v = await rec.verify_pair(group, a, StageTimer(), LivenessPolicy.OFF, 0.5)
+    v = await rec.verify_pair(group, a, StageTimer(), LivenessPolicy.OFF, at(0.5))
     assert v.match and v.first_face == 0  # faces come largest first
     with pytest.raises(NoFaceFound):
-        await rec.verify_pair(none, a, StageTimer(), LivenessPolicy.OFF, 0.5)
+        await rec.verify_pair(none, a, StageTimer(), LivenessPolicy.OFF, at(0.5))
     assert outcomes.verifications == ["match"]  # the caller's bad input is not an outcome
 
 
@@ -72,13 +77,13 @@ async def test_verify_against_subject(world) -> None:
     repo, pipe, _, rec, gal, _ = world
     sid = await _enrolled(gal, pipe, "ada", A)
     col = await gal.collection(None)
-    v = await rec.verify_subject(pipe.script(b"probe", A2), col, sid, StageTimer(), LivenessPolicy.OFF, 0.5)
+    v = await rec.verify_subject(pipe.script(b"probe", A2), col, sid, StageTimer(), LivenessPolicy.OFF, at(0.5))
     assert v.match and v.faces_compared == 1 and v.subject is not None and v.subject.name == "ada"
     empty = await gal.create_subject(col, "nobody", {})
     with pytest.raises(InvalidRequest, match="no enrolled faces"):
-        await rec.verify_subject(b"probe", col, empty.id, StageTimer(), LivenessPolicy.OFF, 0.5)
+        await rec.verify_subject(b"probe", col, empty.id, StageTimer(), LivenessPolicy.OFF, at(0.5))
     with pytest.raises(SubjectNotFound):
-        await rec.verify_subject(b"probe", col, uuid.uuid4(), StageTimer(), LivenessPolicy.OFF, 0.5)
+        await rec.verify_subject(b"probe", col, uuid.uuid4(), StageTimer(), LivenessPolicy.OFF, at(0.5))
     assert pipe.calls[-1].embed  # the 404 came before any model work
 
 
@@ -89,7 +94,7 @@ async def test_identify_decisions_per_face(world) -> None:
     await _enrolled(gal, pipe, "bob", B)
     col = await gal.collection(None)
     probe = pipe.script(b"group", A2, C)
-    result = await rec.identify(probe, col, StageTimer(), k=5, min_seq=0, policy=LivenessPolicy.OFF, threshold=0.5)
+    result = await rec.identify(probe, col, StageTimer(), k=5, min_seq=0, policy=LivenessPolicy.OFF, decide=at(0.5))
     first, second = result.faces
     assert first.decision == "match" and first.subject is not None and first.subject.subject_id == str(ada)
     assert first.subject.name == "ada" and [c.name for c in first.candidates][0] == "ada"
@@ -102,23 +107,25 @@ async def test_identify_no_face_is_the_callers_error(world) -> None:
     col = await gal.collection(None, create=True)
     with pytest.raises(NoFaceFound):
         await rec.identify(pipe.script(b"empty"), col, StageTimer(), k=5, min_seq=0,
-                           policy=LivenessPolicy.OFF, threshold=0.5)
+                           policy=LivenessPolicy.OFF, decide=at(0.5))
     pipe.images[b"bad"] = type(pipe.images[b"empty"])([], error=ImageUnreadable("corrupt"))
     with pytest.raises(ImageUnreadable):
-        await rec.identify(b"bad", col, StageTimer(), k=5, min_seq=0, policy=LivenessPolicy.OFF, threshold=0.5)
+        await rec.identify(b"bad", col, StageTimer(), k=5, min_seq=0, policy=LivenessPolicy.OFF, decide=at(0.5))
     pipe.images[b"down"] = type(pipe.images[b"empty"])([], error=ServiceUnavailable("overloaded"))
     with pytest.raises(ServiceUnavailable):
-        await rec.identify(b"down", col, StageTimer(), k=5, min_seq=0, policy=LivenessPolicy.OFF, threshold=0.5)
+        await rec.identify(b"down", col, StageTimer(), k=5, min_seq=0, policy=LivenessPolicy.OFF, decide=at(0.5))
     assert outcomes.identifications == ["error"]  # only our own failure counts as an error
 
 
 def test_decide_identity_drops_deleted_subjects_and_applies_threshold() -> None:
     gone, kept = uuid.uuid4(), uuid.uuid4()
     hits = [Hit(str(gone), 1, 0.9), Hit(str(kept), 2, 0.6)]
-    best, cands = decide_identity(hits, {kept: "kept"}, threshold=0.5)
-    assert best is not None and best.subject_id == str(kept) and len(cands) == 1
-    best, _ = decide_identity(hits, {kept: "kept"}, threshold=0.7)
-    assert best is None
+    decision, best, cands = decide_identity(hits, {kept: "kept"}, at(0.5))
+    assert decision == "match" and best is not None and best.subject_id == str(kept) and len(cands) == 1
+    decision, best, _ = decide_identity(hits, {kept: "kept"}, at(0.7, maybe=0.55))
+    assert decision == "maybe" and best is None
+    decision, best, _ = decide_identity(hits, {kept: "kept"}, at(0.7, maybe=0.65))
+    assert decision == "unknown" and best is None
 
 
 # --- liveness policy ---------------------------------------------------------------------------
@@ -210,8 +217,80 @@ async def test_min_seq_beyond_the_log_is_refused(world) -> None:
     await _enrolled(gal, pipe, "ada", A)
     col = await gal.collection(None)
     probe = pipe.script(b"probe", A2)
-    ok = await rec.identify(probe, col, StageTimer(), k=5, min_seq=repo.seq, policy=LivenessPolicy.OFF, threshold=0.5)
+    ok = await rec.identify(probe, col, StageTimer(), k=5, min_seq=repo.seq, policy=LivenessPolicy.OFF, decide=at(0.5))
     assert ok.faces[0].decision == "match"
     with pytest.raises(InvalidRequest, match="min_seq"):
         await rec.identify(probe, col, StageTimer(), k=5, min_seq=repo.seq + 1000, policy=LivenessPolicy.OFF,
-                           threshold=0.5)
+                           decide=at(0.5))
+
+
+async def test_not_this_person_demotes_the_same_wrong_match(world) -> None:
+    from serve_app.services.feedback import FeedbackService, ProbeCache
+
+    repo, pipe, _, rec, gal, _ = world
+    ada = await _enrolled(gal, pipe, "ada", A)
+    col = await gal.collection(None)
+    lookalike = pipe.script(b"lookalike", A2)  # someone else, matched to ada
+    first = await rec.identify(lookalike, col, StageTimer(), k=5, min_seq=0, policy=LivenessPolicy.OFF,
+                               decide=at(0.5))
+    assert first.faces[0].decision == "match" and first.faces[0].subject.subject_id == str(ada)
+    fb = FeedbackService(pipe, repo, ProbeCache())
+    made = await fb.report(col, ada, actor="t", image=lookalike)
+    again = await rec.identify(lookalike, col, StageTimer(), k=5, min_seq=0, policy=LivenessPolicy.OFF,
+                               decide=at(0.5))
+    face = again.faces[0]
+    assert face.decision == "unknown" and face.subject is None
+    assert face.candidates[0].subject_id == str(ada) and face.candidates[0].demoted
+    # ada's own photo is far from the reported probe? here A2 ~ A, so it is demoted too at margin 0.5;
+    # with a strict margin only near-identical probes are demoted
+    strict = await rec.identify(pipe.script(b"ada-again", A), col, StageTimer(), k=5, min_seq=0,
+                                policy=LivenessPolicy.OFF, decide=at(0.5), feedback_similarity=0.999)
+    assert strict.faces[0].decision == "match"
+    await fb.delete(col, made["id"])
+    back = await rec.identify(lookalike, col, StageTimer(), k=5, min_seq=0, policy=LivenessPolicy.OFF,
+                              decide=at(0.5))
+    assert back.faces[0].decision == "match"
+    # erasing the subject erases its feedback
+    await fb.report(col, ada, actor="t", image=lookalike)
+    await gal.delete_subject(col, ada)
+    assert await fb.list(col, None) == []
+
+
+def test_decision_policy_by_target_fmr() -> None:
+    from models.calibration import load_calibration
+    from serve_app.services.decisions import parse_fmr, policy_for
+
+    cal = load_calibration("sface")
+    strict = policy_for(cal, target_fmr=1e-5, default_threshold=0.363, maybe_fmr=1e-3)
+    loose = policy_for(cal, target_fmr=1e-2, default_threshold=0.363, maybe_fmr=1e-3)
+    default = policy_for(cal, target_fmr=None, default_threshold=0.363, maybe_fmr=1e-3)
+    assert strict.threshold > default.threshold > loose.threshold
+    assert default.maybe_threshold is not None and default.maybe_threshold < default.threshold
+    assert loose.maybe_threshold is None  # the maybe point lies above a loose threshold: no band
+    sim = (default.maybe_threshold + default.threshold) / 2
+    assert default.decide(sim) == "maybe" and loose.decide(sim) == "match"
+    assert strict.decide(default.threshold + 0.01) == "maybe" and strict.decide(0.1) == "no_match"
+    assert default.target_fmr is not None and 1e-5 < default.target_fmr < 1e-3
+    for bad in ("abc", "0", "1.5", "-1"):
+        with pytest.raises(InvalidRequest):
+            parse_fmr(bad)
+    with pytest.raises(InvalidRequest):
+        policy_for(cal, target_fmr=1e-12, default_threshold=0.363, maybe_fmr=1e-3)  # beyond the table
+    with pytest.raises(InvalidRequest):
+        policy_for(None, target_fmr=1e-3, default_threshold=0.363, maybe_fmr=1e-3)
+
+
+async def test_enrolment_below_the_quality_bar_is_refused(world) -> None:
+    from serve_app.errors import LowQuality
+
+    repo, pipe, objects, _, gal, _ = world
+    col = await gal.collection(None, create=True)
+    s = await gal.create_subject(col, "blurry", {})
+    data = pipe.script(b"blurry", A)
+    pipe.images[data].quality = {"score": 0.3, "reasons": ["blurred"]}
+    with pytest.raises(LowQuality) as err:
+        await gal.enrol(col, s.id, data, StageTimer(), largest=False, policy=LivenessPolicy.OFF, min_quality=0.5)
+    assert err.value.details["reasons"] == ["blurred"]
+    assert repo.faces == {} and objects.data == {}
+    ok = await gal.enrol(col, s.id, data, StageTimer(), largest=False, policy=LivenessPolicy.OFF, min_quality=0.2)
+    assert ok.seq == 1

@@ -111,7 +111,7 @@ async def enrol_face(subject_id: str, who: Enroller, req: ImageReq, edge: EdgeDe
     data = body.image("image", "file")
     policy = await edge.enrol_policy(body.get("liveness"), who)
     result = await edge.gallery.enrol(col, sid, data, req.timer, largest=as_bool(body.get("largest"), "largest"),
-                                      policy=policy)
+                                      policy=policy, min_quality=edge.config().enrol_min_quality)
     await edge.audit(who, "face.add", str(result.face.id), collection=col.name, subject=subject_id, seq=result.seq)
     face = FaceRecordOut(**result.face.to_dict(), liveness=liveness_out(result.analysis.liveness, result.index))
     return EnrolResponse(face=face, seq=result.seq, faces_in_image=len(result.analysis.detection),
