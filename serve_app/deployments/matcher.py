@@ -25,7 +25,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from index.policy import IndexPolicy
-from serve_app.errors import InvalidRequest, ServiceUnavailable
 from serve_app.gallery.gallery_index import GalleryIndex, LogFollower
 from serve_app.gallery.index_snapshots import SnapshotStore
 from serve_app.gallery.objects import ObjectStore
@@ -128,28 +127,12 @@ class Matcher:
     async def sync(self) -> int:
         return await self._gallery.sync()
 
-    async def _reach(self, min_seq: int) -> None:
-        """Sync until min_seq is applied: 400 if min_seq was never committed,
-        503 if the log cannot be read in time. Never a stale answer."""
-        try:
-            await asyncio.wait_for(self._gallery.sync(), timeout=self._config.min_seq_timeout_s)
-        except (asyncio.TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise ServiceUnavailable(
-                f"could not reach min_seq {min_seq} (at {self._gallery.seq}): {type(exc).__name__}",
-                retry_after_s=2, min_seq=min_seq, seq=self._gallery.seq,
-            ) from None
-        if min_seq > self._gallery.seq:  # a sync just read to the log's end
-            raise InvalidRequest(
-                f"min_seq {min_seq} is beyond the latest committed change ({self._gallery.seq})",
-                field="min_seq", latest_seq=self._gallery.seq,
-            )
-
     async def search(
         self, embeddings: EmbeddingResult, collection_id: int, k: int, min_seq: int = 0
     ) -> MatchResult:
         n0, t0 = now_ns(), time.perf_counter()
-        if min_seq > self._gallery.seq:
-            await self._reach(min_seq)
+        if min_seq > self._gallery.seq:  # 400 if never committed, 503 if the log is out of reach
+            await self._gallery.reach(min_seq, self._config.min_seq_timeout_s)
         seq = self._gallery.seq  # read first: the search reflects at least this
         loop = asyncio.get_running_loop()
         hits = await loop.run_in_executor(

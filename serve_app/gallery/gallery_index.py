@@ -34,10 +34,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import asyncpg
 import numpy as np
 
 from index.adaptive import AdaptiveIndex
 from index.policy import BuildReport, IndexPolicy
+from serve_app.errors import InvalidRequest, ServiceUnavailable
 from serve_app.messages import Hit
 
 from .index_snapshots import Anchor, CollectionSnapshot, SnapshotStore, encode
@@ -228,6 +230,26 @@ class GalleryIndex:
         self.seq, self.anchor, self.db_seq = fresh.seq, fresh.anchor, fresh.db_seq
         self.reloads += 1
         log.warning("reloaded %d faces at seq %d in %.2fs", report.faces, report.seq, report.seconds)
+
+    async def reach(self, min_seq: int, timeout_s: float) -> int:
+        """Sync until min_seq is applied (read-your-writes). InvalidRequest
+        if min_seq was never committed, ServiceUnavailable if the log cannot
+        be read within timeout_s: never a stale answer."""
+        if min_seq <= self.seq:
+            return self.seq
+        try:
+            await asyncio.wait_for(self.sync(), timeout=timeout_s)
+        except (asyncio.TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise ServiceUnavailable(
+                f"could not reach min_seq {min_seq} (at {self.seq}): {type(exc).__name__}",
+                retry_after_s=2, min_seq=min_seq, seq=self.seq,
+            ) from None
+        if min_seq > self.seq:  # the sync just read to the end of the log
+            raise InvalidRequest(
+                f"min_seq {min_seq} is beyond the latest committed change ({self.seq})",
+                field="min_seq", latest_seq=self.seq,
+            )
+        return self.seq
 
     def observe_seq(self, seq: int) -> None:
         """A seq known to be committed (a NOTIFY): counts toward lag()."""

@@ -13,6 +13,7 @@ import asyncpg
 import numpy as np
 import pytest
 
+from serve_app.errors import InvalidRequest, ServiceUnavailable
 from serve_app.gallery.gallery_index import GalleryIndex, LogFollower, StaleIndex
 from serve_app.gallery.index_snapshots import SnapshotStore
 from serve_app.gallery.objects import ObjectStore
@@ -329,6 +330,10 @@ async def test_cut_off_replica_turns_stale_then_recovers(
     assert g.lag().seq_behind == 2
     assert all(face not in g.subject_of for _, face in added)
 
+    # read-your-writes cannot be served while cut off: 503, never a stale answer
+    with pytest.raises(ServiceUnavailable):
+        await g.reach(await writer.latest_seq(), timeout_s=5)
+
     await admin(f'ALTER ROLE "{role}" LOGIN')
     assert await follower.step()
     g.check_fresh(30)
@@ -384,3 +389,18 @@ async def test_rewound_log_is_detected_and_reloaded(repo: GalleryRepository, sto
     # An unchanged log never reloads.
     await g.sync()
     assert g.reloads == 2
+
+
+async def test_min_seq_is_reached_or_refused(repo: GalleryRepository) -> None:
+    rng = np.random.default_rng(10)
+    col = await repo.ensure_collection("c", "test", DIM)
+    g = GalleryIndex(repo, None)
+    await g.load()
+    (_, face), = await _enrol(repo, col, rng, subjects=1, faces=1)
+    latest = await repo.latest_seq()
+    assert face not in g.subject_of
+    assert await g.reach(latest, timeout_s=10) == latest  # read-your-writes
+    assert face in g.subject_of
+    with pytest.raises(InvalidRequest, match="beyond"):
+        await g.reach(latest + 1, timeout_s=10)  # a seq no write has reached
+    assert g.seq == latest
