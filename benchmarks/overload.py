@@ -114,7 +114,8 @@ def main() -> None:
     p95_base = _pct(base["ok"], 95)
     print("\n## at overload, against the comfortable level (same run)")
     print(f"admitted p95: {_pct(high['ok'], 95) / p95_base:.2f}x  ({_pct(high['ok'], 95):.1f} vs {p95_base:.1f} ms)")
-    print(f"goodput: {high['goodput'] / base['goodput']:.2f}x  ({high['goodput']:.2f} vs {base['goodput']:.2f} /s)")
+    ratio = high["goodput"] / base["goodput"] if base["goodput"] else float("nan")
+    print(f"goodput: {ratio:.2f}x  ({high['goodput']:.2f} vs {base['goodput']:.2f} /s)")
     print(f"shed p95: {_pct(high['shed'], 95):.1f} ms over {len(high['shed'])} shed requests")
 
 
