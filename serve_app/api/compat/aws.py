@@ -163,6 +163,18 @@ def quality(signals: dict[str, object] | None) -> dict[str, float] | None:
     return out or None
 
 
+# Our quality reasons (models/quality.py REASONS) as Rekognition's UnindexedFaces reasons.
+QUALITY_REASONS = {"too_small": "SMALL_BOUNDING_BOX", "blurred": "LOW_SHARPNESS", "too_dark": "LOW_BRIGHTNESS",
+                   "too_bright": "LOW_BRIGHTNESS", "strong_pose": "EXTREME_POSE",
+                   "partly_outside": "LOW_FACE_QUALITY", "low_detection_score": "LOW_CONFIDENCE"}
+
+
+def unindexed_reasons(reasons: Any) -> list[str]:
+    """Rekognition reasons for a face refused on quality, in our order, without repeats."""
+    out = [QUALITY_REASONS.get(str(r), "LOW_FACE_QUALITY") for r in (reasons or [])]
+    return list(dict.fromkeys(out)) or ["LOW_FACE_QUALITY"]
+
+
 def face_detail(face: Any, width: int, height: int) -> dict[str, Any]:
     """A FaceDetail (DEFAULT attributes we have: BoundingBox, Confidence, Landmarks, Quality)."""
     out: dict[str, Any] = {"BoundingBox": bounding_box(face.box, width, height),

@@ -21,11 +21,12 @@ from models.images import SUPPORTED_FORMATS, sniff_format
 from serve_app.api.compat import aws
 from serve_app.api.compat.aws import AwsError, invalid, not_found
 from serve_app.api.deps import Edge
-from serve_app.errors import Conflict, NoFaceFound, NotFound
+from serve_app.errors import Conflict, LowQuality, NoFaceFound, NotFound
 from serve_app.gallery.repository import Collection, FaceRecord, Subject
 from serve_app.messages import Hit
 from serve_app.pipeline_client import AnalyseSpec, Analysis, MatchSpec
 from serve_app.services.access import Principal
+from serve_app.services.liveness_policy import LivenessPolicy
 from serve_app.timing import StageTimer
 
 _COLLECTION_ID = re.compile(r"^[a-zA-Z0-9_.\-]{1,128}$")  # AWS allows 255; our names stop at 128
@@ -84,9 +85,10 @@ async def image_bytes(edge: Edge, who: Principal, image: Any, name: str) -> byte
         raise invalid(f"{name} must have exactly one of Bytes or S3Object")
     if "Bytes" in image:
         raw = image["Bytes"]
-        if not isinstance(raw, str) or len(raw) > limit * 4 // 3 + 8:
-            raise AwsError("ImageTooLargeException", f"{name} is over the {limit}-byte limit") \
-                if isinstance(raw, str) else invalid(f"{name}.Bytes must be base64")
+        if not isinstance(raw, str):
+            raise invalid(f"{name}.Bytes must be base64")
+        if len(raw) > limit * 4 // 3 + 8:
+            raise AwsError("ImageTooLargeException", f"{name} is over the {limit}-byte limit")
         try:
             data = base64.b64decode(raw, validate=True)
         except (binascii.Error, ValueError):
@@ -285,11 +287,13 @@ async def index_faces(call: Call) -> dict[str, Any]:
     timer = StageTimer()
     try:
         result = await edge.gallery.enrol(col, subject.id, data, timer, largest=True,
-                                          policy=await edge.enrol_policy(None, call.who))
-    except NoFaceFound:
+                                          policy=await edge.enrol_policy(None, call.who),
+                                          min_quality=edge.config().enrol_min_quality)
+    except (NoFaceFound, LowQuality) as exc:  # AWS answers these with nothing indexed, not an error
         if created:
             await edge.gallery.delete_subject(col, subject.id)
-        return {"FaceRecords": [], "UnindexedFaces": [], "FaceModelVersion": col.embedder}
+        return {"FaceRecords": [], "FaceModelVersion": col.embedder,
+                "UnindexedFaces": [] if isinstance(exc, NoFaceFound) else await _unindexed(call, data, exc)}
     except BaseException:
         if created:
             await asyncio.shield(edge.gallery.delete_subject(col, subject.id))
@@ -306,6 +310,15 @@ async def index_faces(call: Call) -> dict[str, Any]:
                            for i, f in enumerate(faces) if i != result.index],
         "FaceModelVersion": col.embedder,
     }
+
+
+async def _unindexed(call: Call, data: bytes, exc: LowQuality) -> list[dict[str, Any]]:
+    """Every face of an image refused on quality: the largest with its reasons, the rest as
+    EXCEEDS_MAX_FACES (a second detection pass gives their details; the refusal carries none)."""
+    analysis = await call.edge.recognition.detect(data, StageTimer(), LivenessPolicy.OFF)
+    w, h = analysis.detection.image_size
+    return [{"Reasons": aws.unindexed_reasons(exc.details.get("reasons")) if i == 0 else ["EXCEEDS_MAX_FACES"],
+             "FaceDetail": aws.face_detail(f, w, h)} for i, f in enumerate(analysis.detection.faces)]
 
 
 async def list_faces(call: Call) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from serve_app.api.deps import Edge, get_edge, principal
 from serve_app.errors import Conflict, FaceNotFound, InvalidRequest, NoFaceFound, SubjectNotFound
 from serve_app.gallery.repository import Collection, FaceRecord, Subject
 from serve_app.pipeline_client import AnalyseSpec
+from serve_app.services.decisions import policy_for
 from serve_app.services.access import Principal
 from serve_app.timing import StageTimer
 
@@ -116,7 +117,8 @@ async def add_face(request: Request) -> JSONResponse:
                     raise
         try:
             result = await edge.gallery.enrol(col, subject.id, body.image("file"), StageTimer(), largest=True,
-                                              policy=await edge.enrol_policy(None, who))
+                                              policy=await edge.enrol_policy(None, who),
+                                              min_quality=edge.config().enrol_min_quality)
             if result.analysis.detection.faces[result.index].score < _float(
                     body.get("det_prob_threshold"), "det_prob_threshold", 0.0):
                 await edge.gallery.delete_face(col, subject.id, result.face.id)
@@ -198,9 +200,11 @@ async def recognize(request: Request) -> JSONResponse:
         col = await _collection(request, edge, who)
         cfg = edge.config()
         k = min(100, max(1, _int(body.get("prediction_count"), "prediction_count", 1)))
+        decide = policy_for(edge.calibration, target_fmr=None, default_threshold=cfg.identify_threshold,
+                            maybe_fmr=cfg.maybe_fmr)
         result = await edge.recognition.identify(body.image("file"), col, StageTimer(), k=k, min_seq=0,
                                                  known_seq=edge.gallery.last_seq, policy=edge.policy(None),
-                                                 threshold=cfg.identify_threshold)
+                                                 decide=decide, feedback_similarity=cfg.feedback_similarity)
         faces, plugins = result.analysis.detection.faces, cf.plugins_of(body.get("face_plugins"))
         out = []
         for i in _faces_kept(faces, body):
