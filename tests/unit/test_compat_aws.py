@@ -119,3 +119,12 @@ def test_compreface_box_and_similarity() -> None:
     assert cf.face_result(face, set()) == {"box": cf.box(face)}
     assert cf.face_result(face, {"landmarks"})["landmarks"] == [[4, 4]] * 5
     assert cf.similarity(0.4, 0.4) == 0.8 and cf.similarity(1.0, 0.4) == 1.0
+
+
+def test_quality_reasons_become_rekognition_reasons() -> None:
+    from models.quality import REASONS
+
+    assert set(aws.QUALITY_REASONS) == set(REASONS)  # every reason we can give has a mapping
+    assert aws.unindexed_reasons(["too_dark", "too_bright", "blurred"]) == ["LOW_BRIGHTNESS", "LOW_SHARPNESS"]
+    assert aws.unindexed_reasons([]) == ["LOW_FACE_QUALITY"]
+    assert aws.unindexed_reasons(["something_new"]) == ["LOW_FACE_QUALITY"]
