@@ -77,3 +77,22 @@ class LivenessConfig(_Config):
     threshold: float = Field(0.5, ge=0.0, le=1.0)
     max_batch_size: int = Field(32, ge=1, le=1024)
     batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class MatcherConfig(_Config):
+    """The Matcher's user_config (unknown keys fail the deploy)."""
+
+    # Poll period of the change log; NOTIFY wakes the replica sooner.
+    sync_interval_s: float = Field(1.0, gt=0.0, le=60.0)
+    # Write a collection's snapshot once this many changes are in none; 0 = never.
+    snapshot_every: int = Field(1000, ge=0)
+    # check_health fails when no sync reached the log's end for this long.
+    max_staleness_s: float = Field(30.0, gt=0.0)
+    # How long a search waits for min_seq before answering 503.
+    min_seq_timeout_s: float = Field(5.0, gt=0.0, le=60.0)
+    # Index by size (index/policy.py): exact search up to this many faces per collection...
+    exact_max_faces: int = Field(50_000, ge=1)
+    # ...IVF-flat above it while it fits this budget per collection, IVF-SQ8 beyond.
+    index_memory_budget_mb: float = Field(4096.0, gt=0.0)
+    # recall@1 against exact search that IVF's nprobe is calibrated to.
+    target_recall: float = Field(0.99, gt=0.0, le=1.0)

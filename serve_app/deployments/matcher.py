@@ -21,7 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import asyncpg
-from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from index.policy import IndexPolicy
@@ -31,6 +30,7 @@ from serve_app.gallery.objects import ObjectStore
 from serve_app.gallery.repository import GalleryRepository, create_pool
 from serve_app.messages import EmbeddingResult, MatchResult
 from serve_app.metrics import ServiceMetrics
+from serve_app.deployment_config import MatcherConfig
 from serve_app.settings import Settings
 from serve_app.telemetry import now_ns, record_span
 
@@ -39,28 +39,7 @@ log = logging.getLogger("ray.serve")
 _LAG_REPORT_S = 5.0  # gauges are set on a timer: Ray drops a gauge ~20 s after its last set()
 
 
-class MatcherConfig(BaseModel):
-    """The Matcher's user_config (unknown keys fail the deploy)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    # Poll period of the change log; NOTIFY wakes the replica sooner.
-    sync_interval_s: float = Field(1.0, gt=0.0, le=60.0)
-    # Write a collection's snapshot once this many changes are in none; 0 = never.
-    snapshot_every: int = Field(1000, ge=0)
-    # check_health fails when no sync reached the log's end for this long.
-    max_staleness_s: float = Field(30.0, gt=0.0)
-    # How long a search waits for min_seq before answering 503.
-    min_seq_timeout_s: float = Field(5.0, gt=0.0, le=60.0)
-    # Index by size (index/policy.py): exact search up to this many faces per collection...
-    exact_max_faces: int = Field(50_000, ge=1)
-    # ...IVF-flat above it while it fits this budget per collection, IVF-SQ8 beyond.
-    index_memory_budget_mb: float = Field(4096.0, gt=0.0)
-    # recall@1 against exact search that IVF's nprobe is calibrated to.
-    target_recall: float = Field(0.99, gt=0.0, le=1.0)
-
-
-@serve.deployment(name="Matcher", ray_actor_options={"num_cpus": 0.2})
+@serve.deployment(name="Matcher", ray_actor_options={"num_cpus": 0.2, "memory": 1024**3})
 class Matcher:
     async def __init__(self, settings: Settings) -> None:
         settings.setup_telemetry("Matcher")
