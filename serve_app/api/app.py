@@ -14,11 +14,13 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from serve_app import console
 from serve_app.api import errors
 from serve_app.api.admission import AdmissionGate
 from serve_app.api.body_guard import BodyGuard
 from serve_app.api.deps import Edge
 from serve_app.api.routers import admin, compreface, feedback, gallery, health, recognition, rekognition
+from serve_app.api.routers import crops
 from serve_app.api.schemas import REQUEST_BODY_MODELS, ErrorResponse
 from serve_app.metrics import ServiceMetrics
 from serve_app.telemetry import access_logger, current_trace_id, mark_error, span_from
@@ -42,6 +44,8 @@ def create_app(edge: Edge, metrics: ServiceMetrics | None = None, *, version: st
     for r in (health.router, recognition.router, gallery.router, feedback.router, admin.router, rekognition.router,
               compreface.router):
         app.include_router(r, responses=_ERROR_RESPONSES if r is not health.router else None)
+    app.include_router(crops.router, responses=_ERROR_RESPONSES)
+    console.mount(app)  # static files at /console/
     _install_observe(app, metrics)
     app.add_middleware(BodyGuard)  # nothing reads an unbounded body
     # Outermost: excess image work is refused before anything else is spent on it.

@@ -74,6 +74,9 @@ class ObjectStore:
     async def aput(self, key: str, data: bytes) -> None:
         await asyncio.to_thread(self.put, key, data)
 
+    async def aget(self, key: str) -> bytes:
+        return await asyncio.to_thread(self.get, key)
+
     async def adelete_many(self, keys: list[str]) -> list[str]:
         """Delete keys; returns the ones that could not be deleted (logged)."""
         failed: list[str] = []
