@@ -16,7 +16,6 @@ import threading
 
 import numpy as np
 
-from models.errors import InvalidRequest
 
 from .collection_index import CollectionIndex
 from .policy import BuildReport, IndexPolicy, Source, build_index
@@ -38,7 +37,7 @@ class AdaptiveIndex:
         self.policy = policy or IndexPolicy()
         self._current = index if index is not None else CollectionIndex(dim, metric=metric)
         if self._current.dim != dim:
-            raise InvalidRequest(f"index has dim {self._current.dim}, expected {dim}")
+            raise ValueError(f"index has dim {self._current.dim}, expected {dim}")
         self.dim = dim
         self.metric = self._current.metric
         self._mut = threading.Lock()  # serialises mutations with the swap
@@ -125,7 +124,7 @@ class AdaptiveIndex:
         ivfsq8)."""
         with self._mut:
             if self._journal is not None:
-                raise InvalidRequest("a rebuild of this index is already running")
+                raise ValueError("a rebuild of this index is already running")
             self._journal = []
             base = self._current
         try:

@@ -39,7 +39,7 @@ from contextlib import contextmanager
 import faiss
 import numpy as np
 
-from models.errors import IndexCorrupt, InvalidRequest
+from index.framing import IndexCorrupt
 
 from . import framing
 
@@ -98,7 +98,7 @@ class _RWLock:
 
 def _check_positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise InvalidRequest(f"{name} must be a positive integer, got {value!r}", field=name)
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
 
 
@@ -115,9 +115,9 @@ class CollectionIndex:
     ) -> None:
         self.dim = _check_positive_int("dim", dim)
         if metric not in METRICS:
-            raise InvalidRequest(f"metric must be one of {METRICS}, got {metric!r}", field="metric")
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
         if kind not in KINDS:
-            raise InvalidRequest(f"kind must be one of {KINDS}, got {kind!r}", field="kind")
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         self.metric = metric
         self.kind = kind
         self.nlist = _check_positive_int("nlist", nlist)
@@ -150,14 +150,13 @@ class CollectionIndex:
     def _vectors(self, vectors: object, what: str = "vectors") -> np.ndarray:
         arr = np.asarray(vectors)
         if arr.ndim != 2 or arr.shape[1] != self.dim:
-            raise InvalidRequest(
-                f"{what} must have shape (n, {self.dim}), got {arr.shape}", field=what
-            )
+            raise ValueError(
+                f"{what} must have shape (n, {self.dim}), got {arr.shape}")
         if not np.issubdtype(arr.dtype, np.floating):
-            raise InvalidRequest(f"{what} must be floating point, got dtype {arr.dtype}", field=what)
+            raise ValueError(f"{what} must be floating point, got dtype {arr.dtype}")
         arr = np.ascontiguousarray(arr, dtype=np.float32)
         if not np.isfinite(arr).all():
-            raise InvalidRequest(f"{what} contain NaN or infinite values", field=what)
+            raise ValueError(f"{what} contain NaN or infinite values")
         return arr
 
     @staticmethod
@@ -166,18 +165,17 @@ class CollectionIndex:
         if arr.ndim == 0:
             arr = arr.reshape(1)
         if arr.ndim != 1:
-            raise InvalidRequest(f"ids must be one-dimensional, got shape {arr.shape}", field="ids")
+            raise ValueError(f"ids must be one-dimensional, got shape {arr.shape}")
         if arr.size and not np.issubdtype(arr.dtype, np.integer):
-            raise InvalidRequest(f"ids must be integers, got dtype {arr.dtype}", field="ids")
+            raise ValueError(f"ids must be integers, got dtype {arr.dtype}")
         if arr.dtype == np.uint64 and arr.size and arr.max() > np.iinfo(np.int64).max:
-            raise InvalidRequest("ids must fit in int64", field="ids")
+            raise ValueError("ids must fit in int64")
         arr = np.ascontiguousarray(arr, dtype=np.int64)
         if arr.size and arr.min() < 0:
-            raise InvalidRequest("ids must be non-negative (-1 marks an empty result slot)", field="ids")
+            raise ValueError("ids must be non-negative (-1 marks an empty result slot)")
         if n is not None and arr.shape[0] != n:
-            raise InvalidRequest(
-                f"got {arr.shape[0]} ids for {n} vectors", field="ids"
-            )
+            raise ValueError(
+                f"got {arr.shape[0]} ids for {n} vectors")
         return arr
 
     # ------------------------------------------------------------- properties
@@ -218,13 +216,12 @@ class CollectionIndex:
         if self.kind == "flat":
             return
         if x.shape[0] < self.nlist:
-            raise InvalidRequest(
-                f"IVF training needs at least nlist={self.nlist} vectors, got {x.shape[0]}",
-                field="vectors",
+            raise ValueError(
+                f"IVF training needs at least nlist={self.nlist} vectors, got {x.shape[0]}"
             )
         with self._lock.write():
             if self._index.ntotal:
-                raise InvalidRequest("cannot retrain an IVF index that already holds vectors")
+                raise ValueError("cannot retrain an IVF index that already holds vectors")
             self._index.train(x)
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
@@ -234,9 +231,9 @@ class CollectionIndex:
         if id_arr.size == 0:
             return
         if np.unique(id_arr).size != id_arr.size:
-            raise InvalidRequest("ids within one add() call must be unique", field="ids")
+            raise ValueError("ids within one add() call must be unique")
         if not self._index.is_trained:
-            raise InvalidRequest("IVF index is not trained: call train() before add()")
+            raise ValueError("IVF index is not trained: call train() before add()")
         with self._lock.write():
             if self._index.ntotal:
                 self._remove_locked(id_arr)
@@ -297,7 +294,7 @@ class CollectionIndex:
             return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
 
     def get_vectors(self, ids: np.ndarray) -> np.ndarray:
-        """The stored vectors for ``ids`` (raises InvalidRequest for an unknown id)."""
+        """The stored vectors for ``ids`` (raises ValueError for an unknown id)."""
         id_arr = self._ids(ids)
         out = np.empty((id_arr.size, self.dim), dtype=np.float32)
         with self._lock.read():
@@ -305,7 +302,7 @@ class CollectionIndex:
                 try:
                     out[row] = self._index.reconstruct(int(i))
                 except RuntimeError:
-                    raise InvalidRequest(f"id {int(i)} is not in the index", field="ids") from None
+                    raise ValueError(f"id {int(i)} is not in the index") from None
         return out
 
     def export(self, chunk: int = 20_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -374,7 +371,7 @@ class CollectionIndex:
         start"; replaying is idempotent since re-adding replaces.
         """
         if isinstance(seq, bool) or not isinstance(seq, (int, np.integer)) or seq < 0:
-            raise InvalidRequest(f"seq must be a non-negative integer, got {seq!r}", field="seq")
+            raise ValueError(f"seq must be a non-negative integer, got {seq!r}")
         with self._lock.read():
             payload = faiss.serialize_index(self._index).tobytes()
             ntotal = int(self._index.ntotal)

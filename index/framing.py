@@ -11,7 +11,10 @@ import json
 import struct
 from typing import Any
 
-from models.errors import IndexCorrupt
+
+class IndexCorrupt(ValueError):
+    """A snapshot blob that is truncated, tampered with, or not ours."""
+
 
 _PREFIX = struct.Struct("<HI")
 

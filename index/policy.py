@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.errors import InvalidRequest
 
 from .collection_index import CollectionIndex
 
@@ -52,13 +51,13 @@ class IndexPolicy:
 
     def __post_init__(self) -> None:
         if self.exact_max < 1 or self.memory_budget_bytes < 1:
-            raise InvalidRequest("exact_max and memory_budget_bytes must be positive")
+            raise ValueError("exact_max and memory_budget_bytes must be positive")
         if not 0.0 < self.target_recall <= 1.0:
-            raise InvalidRequest(f"target_recall must be in (0, 1], got {self.target_recall}")
+            raise ValueError(f"target_recall must be in (0, 1], got {self.target_recall}")
         if not 0.0 < self.probe_cosine <= 1.0 or not 0.0 < self.hysteresis <= 1.0:
-            raise InvalidRequest("probe_cosine and hysteresis must be in (0, 1]")
+            raise ValueError("probe_cosine and hysteresis must be in (0, 1]")
         if self.calibration_queries < 10:
-            raise InvalidRequest("calibration_queries must be at least 10")
+            raise ValueError("calibration_queries must be at least 10")
 
     # ---------------------------------------------------------- decisions
     @staticmethod
@@ -161,7 +160,7 @@ def build_index(
 
     nlist = policy.nlist_for(n)
     if nlist < 1:
-        raise InvalidRequest(f"{n} vectors are too few for an IVF index")
+        raise ValueError(f"{n} vectors are too few for an IVF index")
     rng = np.random.default_rng(policy.seed)
     want = min(n, max(nlist * policy.train_per_list, policy.calibration_queries * 4), policy.max_train)
     p = min(1.0, 1.3 * want / max(n, 1))
@@ -173,7 +172,7 @@ def build_index(
             picked.append(np.asarray(x[keep], dtype=np.float32))
     sample = np.concatenate(picked) if picked else np.empty((0, dim), np.float32)
     if len(sample) < nlist:
-        raise InvalidRequest(f"source gave {len(sample)} sample vectors, IVF needs {nlist}")
+        raise ValueError(f"source gave {len(sample)} sample vectors, IVF needs {nlist}")
     sample = sample[rng.permutation(len(sample))]
     index = CollectionIndex(dim, metric=metric, kind=kind, nlist=nlist, nprobe=1)
     index.train(sample[:want])

@@ -12,7 +12,7 @@ import hashlib
 import faiss
 import numpy as np
 
-from models.errors import IndexCorrupt, InvalidRequest
+from index.framing import IndexCorrupt
 
 from .collection_index import CollectionIndex
 from . import framing
@@ -29,7 +29,7 @@ class ShardedIndex:
 
     def __init__(self, dim: int, n_shards: int, **index_kwargs: object) -> None:
         if isinstance(n_shards, bool) or not isinstance(n_shards, (int, np.integer)) or n_shards < 1:
-            raise InvalidRequest(f"n_shards must be a positive integer, got {n_shards!r}", field="n_shards")
+            raise ValueError(f"n_shards must be a positive integer, got {n_shards!r}")
         self.n_shards = int(n_shards)
         self.shards = [CollectionIndex(dim, **index_kwargs) for _ in range(self.n_shards)]  # type: ignore[arg-type]
         self.dim = self.shards[0].dim
@@ -68,7 +68,7 @@ class ShardedIndex:
         x = self.shards[0]._vectors(vectors)
         id_arr = CollectionIndex._ids(ids, x.shape[0])
         if np.unique(id_arr).size != id_arr.size:
-            raise InvalidRequest("ids within one add() call must be unique", field="ids")
+            raise ValueError("ids within one add() call must be unique")
         route = id_arr % self.n_shards
         for s, shard in enumerate(self.shards):
             mask = route == s

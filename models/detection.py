@@ -29,7 +29,6 @@ from typing import Any
 import cv2
 import numpy as np
 
-from models.errors import InvalidRequest
 from models.weights import ResolvedWeights, resolve_weights, verify_file
 
 # Fallback pass geometries, tried in order until one finds a face: (border on
@@ -87,9 +86,9 @@ def _iou(a: tuple[float, float, float, float], b: tuple[float, float, float, flo
 def _check_rgb(rgb: np.ndarray) -> np.ndarray:
     if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         got = f"{type(rgb).__name__} {getattr(rgb, 'shape', '')} {getattr(rgb, 'dtype', '')}"
-        raise InvalidRequest(f"detector expects an (H, W, 3) uint8 RGB array, got {got}")
+        raise ValueError(f"detector expects an (H, W, 3) uint8 RGB array, got {got}")
     if rgb.shape[0] == 0 or rgb.shape[1] == 0:
-        raise InvalidRequest("detector got an empty image")
+        raise ValueError("detector got an empty image")
     return np.ascontiguousarray(rgb)
 
 
@@ -111,7 +110,7 @@ class FaceDetector:
         self.score_threshold = float(score_threshold)
         self.min_face_size = int(min_face_size)
         if max_side is not None and int(max_side) < 64:
-            raise InvalidRequest(f"max_side must be at least 64 pixels, got {max_side}")
+            raise ValueError(f"max_side must be at least 64 pixels, got {max_side}")
         self.max_side = int(max_side) if max_side else None
 
     def _first_pass(self, rgb: np.ndarray) -> _Raw:
@@ -273,5 +272,5 @@ def make_detector(name: str, **kwargs: Any) -> FaceDetector:
     try:
         cls = DETECTORS[name.lower()]
     except KeyError:
-        raise InvalidRequest(f"unknown detector {name!r}; choose one of {sorted(DETECTORS)}") from None
+        raise ValueError(f"unknown detector {name!r}; choose one of {sorted(DETECTORS)}") from None
     return cls(**kwargs)

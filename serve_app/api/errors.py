@@ -17,7 +17,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from models import errors as legacy
 from models.images import ImageError, ImageTooLarge, ImageUnreadable, ImageUnsupported
 from serve_app import errors as e
 from serve_app.telemetry import current_trace_id
@@ -103,12 +102,10 @@ def _jsonable(v: object) -> bool:
     return isinstance(v, (str, int, float, bool, type(None), list, dict))
 
 
-def _domain_response(exc: e.ServiceError | ImageError | legacy.FaceServeError) -> JSONResponse:
+def _domain_response(exc: e.ServiceError | ImageError) -> JSONResponse:
     details = {k: v for k, v in exc.details.items() if _jsonable(v)}
     retry = details.pop("retry_after_s", None)
     status = status_for(exc)
-    if isinstance(exc, legacy.FaceServeError):
-        status = {"invalid_request": 400}.get(exc.code, 500)
     return error_response(status, exc.code, exc.message, details,
                           retry_after_s=int(retry) if retry is not None and (status in (429, 503)) else None)
 
@@ -120,10 +117,6 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(ImageError)
     async def _image(_: Request, exc: ImageError) -> JSONResponse:
-        return _domain_response(exc)
-
-    @app.exception_handler(legacy.FaceServeError)
-    async def _legacy(_: Request, exc: legacy.FaceServeError) -> JSONResponse:
         return _domain_response(exc)
 
     @app.exception_handler(RequestValidationError)

@@ -26,7 +26,7 @@ import numpy as np
 
 from index import framing
 from index.collection_index import CollectionIndex
-from models.errors import IndexCorrupt
+from index.framing import IndexCorrupt
 
 from .objects import ObjectStore
 

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from index import CollectionIndex, ShardedIndex
-from models.errors import IndexCorrupt, InvalidRequest
+from index.framing import IndexCorrupt
+
+InvalidRequest = ValueError  # index code raises ValueError for bad input
 
 DIM = 32
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from index.collection_index import CollectionIndex
-from models.errors import IndexCorrupt
+from index.framing import IndexCorrupt
 from serve_app.gallery.index_snapshots import (
     CollectionSnapshot,
     SnapshotStore,
