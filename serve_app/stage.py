@@ -94,9 +94,10 @@ def split_rows(rows: np.ndarray, counts: Sequence[int]) -> list[np.ndarray]:
 def model_threads(default: int = 1) -> int:
     """Threads for a model session: the whole CPUs this replica was given.
 
-    Measured on 2 cores (benchmarks/pipeline.py): a 0.5-CPU replica with 2
-    SFace threads ran slower under load than with 1, since the threads of
-    the other replicas compete for the same cores.
+    benchmarks/threads.py on 2 cores: a second thread makes SFace 0.57-0.63x
+    and YuNet 0.86x as slow for one caller alone. In the service the model
+    replicas already keep both cores busy under load, so a replica given a
+    fraction of a CPU runs one thread and one given N CPUs runs N.
     """
     try:
         import ray
