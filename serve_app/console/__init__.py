@@ -30,6 +30,13 @@ SECURITY_HEADERS = {
 
 
 class ConsoleFiles(StaticFiles):
+    route: Any = None  # the Mount: access logs and metrics label every file "/console"
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if self.route is not None:
+            scope["route"] = self.route
+        await super().__call__(scope, receive, send)
+
     async def get_response(self, path: str, scope: Any) -> Response:
         response = await super().get_response(path, scope)
         response.headers.update(SECURITY_HEADERS)
@@ -37,4 +44,6 @@ class ConsoleFiles(StaticFiles):
 
 
 def mount(app: FastAPI, prefix: str = "/console") -> None:
-    app.mount(prefix, ConsoleFiles(directory=STATIC_DIR, html=True), name="console")
+    files = ConsoleFiles(directory=STATIC_DIR, html=True)
+    app.mount(prefix, files, name="console")
+    files.route = app.routes[-1]

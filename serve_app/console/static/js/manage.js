@@ -15,6 +15,7 @@ let current = null; // the open subject
 export async function loadCollections() {
   const sel = $("#collection-select");
   const list = $("#col-list");
+  const sentKey = session.key;
   try {
     const res = await api("/v1/collections");
     const names = res.collections.map((c) => c.name);
@@ -29,7 +30,8 @@ export async function loadCollections() {
     if (!res.collections.length) list.append(h("li", { class: "muted" }, "none yet (the default is made on first use)"));
     return true;
   } catch (err) {
-    if (err.status === 401 && !session.key) showInfo("This service needs an API key: enter it above to start.", { sticky: true });
+    if (sentKey !== session.key) return false; // the key changed meanwhile: that call's answer is moot
+    if (err.status === 401 && !sentKey) showInfo("This service needs an API key: enter it above to start.", { sticky: true });
     else showError(err, "Listing collections");
     return false;
   }
@@ -195,7 +197,7 @@ async function enrol(files) {
           (res.faces_in_image > 1 ? ` (largest of ${res.faces_in_image})` : "")));
       } catch (err) {
         failed++;
-        log.append(h("li", { class: "bad", role: "alert" }, `✗ ${f.name}: ${err.message} (${err.code || "error"})`));
+        log.append(h("li", { class: "bad" }, `✗ ${f.name}: ${err.message} (${err.code || "error"})`));
       }
       done++;
       update();

@@ -32,7 +32,7 @@ function qualityText(q) {
 function liveStatus(l) { return l ? (l.live ? "live" : "spoof") : null; }
 
 function faceCard(title, face, skip, ...extra) {
-  return h("li", {}, h("h3", {}, title), kv(face, skip), ...extra);
+  return h("li", {}, h("h2", {}, title), kv(face, skip), ...extra);
 }
 
 function renderDetect(res) {
@@ -114,7 +114,7 @@ function renderVerify(res, against) {
     figs.push(figure(against.url, [faceMark(res.faces.image2, colour, `image 2 · ${word}`)], `Image 2: ${against.name}`));
   } else {
     figs.push(figure(image.url, [faceMark(res.face, colour, `${word} · ${res.subject?.name}`)], `Probe: ${image.name}`));
-    figs.push(h("div", { class: "panel" }, h("h3", {}, `Subject ${res.subject?.name}`), thumbs(res.subject.id, res.subject.name, 6),
+    figs.push(h("div", { class: "panel" }, h("h2", {}, `Subject ${res.subject?.name}`), thumbs(res.subject.id, res.subject.name, 6),
       kv(res.subject, ["name"])));
   }
   return [

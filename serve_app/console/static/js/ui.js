@@ -121,5 +121,5 @@ export function timingsChart(timings) {
     list.append(h("li", {}, h("span", {}, stage), h("span", {}, bar), h("span", { class: "v" }, `${ms.toFixed(1)} ms`)));
   }
   return h("section", { class: "timings", "aria-label": "Time per stage" },
-    h("h3", {}, `Time per stage (total ${total.toFixed(1)} ms)`), list);
+    h("h2", {}, `Time per stage (total ${total.toFixed(1)} ms)`), list);
 }
