@@ -144,7 +144,7 @@ class BulkAdd:
     """What add_faces did, keyed by (subject id, image sha256)."""
 
     added: dict[tuple[uuid.UUID, str], int]  # -> face id
-    already: set[tuple[uuid.UUID, str]]
+    already: dict[tuple[uuid.UUID, str], str | None]  # -> the existing face's crop key
     missing_subject: set[tuple[uuid.UUID, str]]
     seq: int
 
@@ -416,6 +416,14 @@ class GalleryRepository:
             )
         return {r["name"]: r["id"] for r in rows}
 
+    async def find_subjects(self, collection: Collection, names: list[str]) -> dict[str, uuid.UUID]:
+        """{name: id} of the names that exist (creates nothing)."""
+        async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
+            rows = await conn.fetch(
+                "SELECT id, name FROM subjects WHERE collection_id = $1 AND name = ANY($2::text[])",
+                collection.id, names)
+        return {r["name"]: r["id"] for r in rows}
+
     async def existing_subject_ids(self, collection: Collection, ids: list[uuid.UUID]) -> set[uuid.UUID]:
         async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
             rows = await conn.fetch(
@@ -448,7 +456,7 @@ class GalleryRepository:
                 raise InvalidRequest(
                     f"embedding from {f.model} ({f.embedding.shape[0]}-d) does not fit collection "
                     f"{collection.name!r} ({collection.embedder}, {collection.dim}-d)")
-        result = BulkAdd(added={}, already=set(), missing_subject=set(), seq=0)
+        result = BulkAdd(added={}, already={}, missing_subject=set(), seq=0)
         if not faces:
             return result
         async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn, conn.transaction():
@@ -457,8 +465,8 @@ class GalleryRepository:
             live = {r["id"] for r in await conn.fetch(
                 "SELECT id FROM subjects WHERE collection_id = $1 AND id = ANY($2::uuid[]) ORDER BY id FOR UPDATE",
                 collection.id, sids)}
-            have = {(r["subject_id"], r["image_sha256"]) for r in await conn.fetch(
-                "SELECT subject_id, image_sha256 FROM faces WHERE collection_id = $1 AND model = $2 "
+            have = {(r["subject_id"], r["image_sha256"]): r["crop_key"] for r in await conn.fetch(
+                "SELECT subject_id, image_sha256, crop_key FROM faces WHERE collection_id = $1 AND model = $2 "
                 "AND subject_id = ANY($3::uuid[]) AND image_sha256 = ANY($4::text[])",
                 collection.id, collection.embedder, sids, sorted({f.image_sha256 for f in faces}))}
             new: list[tuple[int, NewFace]] = []
@@ -467,9 +475,9 @@ class GalleryRepository:
                 if f.subject_id not in live:
                     result.missing_subject.add(key)
                 elif key in have:
-                    result.already.add(key)
+                    result.already[key] = have[key]
                 else:
-                    have.add(key)  # a duplicate later in this batch is "already there"
+                    have[key] = f.crop_key  # a duplicate later in this batch is "already there"
                     face_id = await conn.fetchval(
                         """INSERT INTO faces (subject_id, collection_id, embedding, model, dim,
                                               image_sha256, crop_key, box, det_score)

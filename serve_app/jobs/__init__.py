@@ -1,0 +1,1 @@
+"""Batch jobs run with `ray job submit`: bulk enrolment (enroll.py)."""
