@@ -125,6 +125,31 @@ def stop_ray(temp_dir: str | None = None, gcs_port: int | None = None) -> None:
             proc.kill()
         except psutil.NoSuchProcess:
             pass
+    if gcs_port:
+        forget_cluster(temp_dir, gcs_port)
+
+
+def forget_cluster(temp_dir: str | None, gcs_port: int) -> list[str]:
+    """Remove Ray's pointer to the current cluster (`ray_current_cluster`, in the
+    cluster's temp dir and in Ray's default one) when it names our GCS port, as
+    `ray stop` does; otherwise a bare `ray.init()`/`ray status` waits on a dead
+    GCS. A pointer to another cluster is left alone. Returns the files removed."""
+    from ray._common.utils import get_ray_address_file
+
+    removed = []
+    for path in {get_ray_address_file(temp_dir), get_ray_address_file(None)}:
+        try:
+            with open(path) as fh:
+                address = fh.read().strip()
+        except OSError:
+            continue
+        if address.rsplit(":", 1)[-1] == str(gcs_port):
+            try:
+                os.remove(path)
+                removed.append(path)
+            except OSError:
+                pass
+    return removed
 
 
 def deploy_config(

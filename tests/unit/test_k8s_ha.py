@@ -207,15 +207,16 @@ def test_batch_work_has_bounded_retries(ha):
     assert spec["shutdownAfterJobFinishes"] is True
 
 
-def test_rayjob_runs_folder_enrolment_against_the_service():
+def test_rayjob_runs_the_bulk_enrolment_job_from_the_s3_inbox():
     objs = M.rendered("enroll-folder")
     (rayjob,) = M.find(objs, "RayJob")
-    assert rayjob["spec"]["entrypoint"] == \
-        "faceserve enroll-folder /data/people --url http://faceserve-serve-svc:8000"
-    head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
-    claim = head["volumes"][0]["persistentVolumeClaim"]["claimName"]
-    assert M.one(objs, "PersistentVolumeClaim", claim)
-    assert container({"spec": head})["volumeMounts"][0]["mountPath"] == "/data"
+    assert rayjob["spec"]["entrypoint"].startswith(
+        "python -m serve_app.jobs.enroll --source s3://faceserve/inbox/people/ ")
+    spec = rayjob["spec"]["rayClusterSpec"]
+    pods = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+    for pod in pods:  # the driver and the actors write to Postgres and MinIO directly
+        names = {e["name"] for e in container(pod)["env"]}
+        assert {"DATABASE_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= names
 
 
 def test_upgrades_start_a_new_cluster(ha):
