@@ -9,9 +9,8 @@ import time
 import uuid
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import Response
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from serve_app import console
@@ -78,38 +77,62 @@ def _serve_request_id() -> str | None:
 
 
 def _install_observe(app: FastAPI, metrics: ServiceMetrics | None) -> None:
-    @app.middleware("http")
-    async def observe(request: Request, call_next: Any) -> Response:
-        """Root span, trace id header, access log, status counter, and the last
-        word on failures nothing else handled (500/503 in the envelope)."""
-        request_id = request.headers.get("x-request-id") or _serve_request_id() or uuid.uuid4().hex
+    app.add_middleware(Observe, metrics=metrics)
+
+
+class Observe:
+    """Root span, trace id header, Server-Timing, access log, status counter,
+    and the last word on failures nothing else handled (500/503 in the
+    envelope). Plain ASGI rather than BaseHTTPMiddleware: no extra task and
+    stream per request on the hot path."""
+
+    def __init__(self, app: Any, metrics: ServiceMetrics | None = None) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        method, path = scope.get("method", ""), scope.get("path", "")
+        request_id = headers.get("x-request-id") or _serve_request_id() or uuid.uuid4().hex
         t0 = time.perf_counter()
-        with span_from(request.headers, f"{request.method} {request.url.path}", kind=SpanKind.SERVER,
-                       attributes={"http.method": request.method, "http.target": request.url.path,
+        state: dict[str, Any] = {"status": 500, "started": False}
+        with span_from(headers, f"{method} {path}", kind=SpanKind.SERVER,
+                       attributes={"http.method": method, "http.target": path,
                                    "faceserve.request_id": request_id}) as sp:
             trace_id = current_trace_id()
+
+            async def send_wrapped(message: dict[str, Any]) -> None:
+                if message["type"] == "http.response.start":
+                    state["status"], state["started"] = message["status"], True
+                    extra = [(b"server-timing", f"total;dur={(time.perf_counter() - t0) * 1000.0:.1f}".encode())]
+                    if trace_id:
+                        extra.append((b"x-trace-id", trace_id.encode()))
+                    message = {**message, "headers": list(message.get("headers", [])) + extra}
+                await send(message)
+
             try:
-                response = await call_next(request)
+                await self.app(scope, receive, send_wrapped)
             except Exception as exc:
                 mark_error(sp, exc)
+                if state["started"]:
+                    raise
                 response = errors.unexpected_response(exc)
-            route = getattr(request.scope.get("route"), "path", "unmatched")
-            sp.update_name(f"{request.method} {route}")
+                await response(scope, receive, send_wrapped)
+            route = getattr(scope.get("route"), "path", "unmatched")
+            sp.update_name(f"{method} {route}")
             sp.set_attribute("http.route", route)
-            sp.set_attribute("http.status_code", response.status_code)
-            if response.status_code >= 500:
+            sp.set_attribute("http.status_code", state["status"])
+            if state["status"] >= 500:
                 sp.set_status(Status(StatusCode.ERROR))
-        if metrics is not None:
-            metrics.http_responses.inc(tags={"code": str(response.status_code), "route": route})
-        if trace_id:
-            response.headers["x-trace-id"] = trace_id
-        # Every answer says how long it took (image answers also list stages in timings_ms).
-        response.headers["server-timing"] = f"total;dur={(time.perf_counter() - t0) * 1000.0:.1f}"
+        if self.metrics is not None:
+            self.metrics.http_responses.inc(tags={"code": str(state["status"]), "route": route})
         if route not in ("/healthz", "/readyz"):
             access_logger().info(
-                "%s %s %s", request.method, route, response.status_code,
+                "%s %s %s", method, route, state["status"],
                 extra={"request_id": request_id, "trace_id": trace_id, "route": route,
-                       "method": request.method, "status": response.status_code,
+                       "method": method, "status": state["status"],
                        "duration_ms": round((time.perf_counter() - t0) * 1000.0, 2)},
             )
-        return response

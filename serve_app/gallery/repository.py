@@ -556,6 +556,26 @@ class GalleryRepository:
         await _notify_change(conn, seq)
         return seq
 
+    async def names_and_feedback(
+        self, collection: Collection, subject_ids: list[uuid.UUID]
+    ) -> tuple[dict[uuid.UUID, str], dict[uuid.UUID, np.ndarray]]:
+        """What identify needs from Postgres, in one round trip: the candidates'
+        names and their "not this person" probes."""
+        if not subject_ids:
+            return {}, {}
+        async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
+            rows = await conn.fetch(
+                """SELECT s.id, s.name, f.embedding FROM subjects s
+                   LEFT JOIN feedback f ON f.subject_id = s.id AND f.collection_id = $2
+                   WHERE s.id = ANY($1::uuid[])""", subject_ids, collection.id)
+        names: dict[uuid.UUID, str] = {}
+        probes: dict[uuid.UUID, list[np.ndarray]] = {}
+        for r in rows:
+            names[r["id"]] = r["name"]
+            if r["embedding"] is not None:
+                probes.setdefault(r["id"], []).append(bytes_to_vec(r["embedding"]))
+        return names, {k: np.stack(v) for k, v in probes.items()}
+
     async def subject_names(self, subject_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
         if not subject_ids:
             return {}

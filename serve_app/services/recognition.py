@@ -37,6 +37,8 @@ class RecognitionRepo(Protocol):
     async def subject_names(self, subject_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]: ...
     async def latest_seq(self) -> int: ...
     async def feedback_vectors(self, collection: Collection, subject_ids: list[uuid.UUID]) -> dict[uuid.UUID, np.ndarray]: ...
+    async def names_and_feedback(self, collection: Collection, subject_ids: list[uuid.UUID]
+                                 ) -> tuple[dict[uuid.UUID, str], dict[uuid.UUID, np.ndarray]]: ...
 
 
 class Outcomes(Protocol):
@@ -221,8 +223,7 @@ class RecognitionService:
             raise NoFaceFound("no face found in the image")
         hits = analysis.matches.hits if analysis.matches else [[] for _ in range(len(analysis.detection))]
         ids = list({uuid.UUID(h.subject_id) for per_face in hits for h in per_face})
-        names = await self.repo.subject_names(ids) if ids else {}
-        feedback = await self.repo.feedback_vectors(collection, ids) if ids else {}
+        names, feedback = await self.repo.names_and_feedback(collection, ids) if ids else ({}, {})
         vectors = analysis.embeddings.vectors if analysis.embeddings is not None else None
         faces = []
         for i in range(len(analysis.detection)):

@@ -147,6 +147,9 @@ class FakeRepo:
     async def latest_seq(self) -> int:
         return self.seq
 
+    async def names_and_feedback(self, collection: Collection, subject_ids: list[uuid.UUID]) -> Any:
+        return await self.subject_names(subject_ids), await self.feedback_vectors(collection, subject_ids)
+
     async def feedback_vectors(self, collection: Collection, subject_ids: list[uuid.UUID]) -> dict[uuid.UUID, np.ndarray]:
         out: dict[uuid.UUID, list[np.ndarray]] = {}
         for cid, sid, vec in self.feedback.values():
