@@ -53,16 +53,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--object-store-url", default=os.environ.get("FACESERVE_OBJECT_STORE_URL"))
     p.add_argument("--models-dir", default=os.environ.get("FACE_MODELS_DIR"))
     p.add_argument("--report-key", default=None, help="object key of the report (default reports/enroll/...)")
+    p.add_argument("--data-dir", default=None,
+                   help="with neither URL given: the data folder of `faceserve start` (embedded PostgreSQL, "
+                        "objects under it), as an absolute path; the job's working folder is not yours")
     args = p.parse_args(argv)
-    if not args.database_url:
-        p.error("--database-url (or DATABASE_URL) is required")
-    if not args.object_store_url:
-        p.error("--object-store-url (or FACESERVE_OBJECT_STORE_URL) is required")
+    _defaults_from_data_dir(args)
     if args.batch_size < 1 or args.concurrency < 0 or args.segment_size < 1 or args.cpus_per_worker <= 0:
         p.error("--batch-size and --segment-size must be >= 1, --concurrency >= 0, --cpus-per-worker > 0")
     if not 0.0 <= args.min_quality <= 1.0:
         p.error("--min-quality must be in [0, 1]")
     return args
+
+
+def _defaults_from_data_dir(args: argparse.Namespace) -> None:
+    """What `faceserve start` uses when DATABASE_URL / the object store are not set."""
+    if args.database_url and args.object_store_url:
+        return
+    from pathlib import Path
+
+    from serve_app.settings import load_settings
+
+    settings = load_settings()
+    data_dir = Path(args.data_dir or settings.data_dir).resolve()
+    if not args.database_url:
+        if settings.database_url is not None:
+            args.database_url = settings.database_dsn()
+        else:
+            from serve_app.embedded_pg import start_embedded_postgres
+
+            args.database_url = start_embedded_postgres(data_dir)  # attaches to the running one
+    if not args.object_store_url:
+        url = settings.object_store_url
+        args.object_store_url = f"file://{data_dir / 'objects'}" if url == "file://./data/objects" else url
 
 
 async def _ensure_collection(args: argparse.Namespace) -> None:
