@@ -12,7 +12,11 @@ function setImage(blob, name) {
   if (image) URL.revokeObjectURL(image.url);
   image = { blob, name, url: URL.createObjectURL(blob) };
   $("#try-current").textContent = `Image: ${name} (${Math.round(blob.size / 1024)} KB)`;
-  $("#try-result").replaceChildren(figure(image.url, [], `${name}: not analysed yet`));
+  // Not an image to this browser: no broken preview; the service will say what it makes of it.
+  const preview = !blob.type || blob.type.startsWith("image/")
+    ? figure(image.url, [], `${name}: not analysed yet`)
+    : h("p", { class: "empty" }, `${name} is ${blob.type}, not an image this page can preview.`);
+  $("#try-result").replaceChildren(preview);
 }
 
 function setImage2(file) {
@@ -74,8 +78,8 @@ function thumbs(subjectId, name, n = 3) {
 function candidates(list) {
   if (!list?.length) return h("p", { class: "muted" }, "No candidates.");
   return h("ol", { class: "cands", "aria-label": "Candidates" }, list.map((c) =>
-    h("li", {}, thumbs(c.subject_id, c.name), h("div", {},
-      h("strong", {}, c.name || c.subject_id), kv(c, ["name"])))));
+    h("li", {}, h("div", {}, h("strong", {}, c.name || c.subject_id), kv(c, ["name", "subject_id"])),
+      thumbs(c.subject_id, c.name, 2))));
 }
 
 function renderIdentify(res) {
@@ -106,7 +110,7 @@ function faceMark(f, status, label) {
 
 function renderVerify(res, against) {
   const status = res.decision || (res.match ? "match" : "no_match");
-  const colour = status === "no_match" ? "unknown" : status;
+  const colour = status;
   const word = { match: "Match", maybe: "Maybe", no_match: "No match" }[status] || status;
   const figs = [];
   if (res.faces) {
