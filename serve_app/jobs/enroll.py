@@ -23,7 +23,6 @@ import logging
 import os
 import sys
 import time
-from typing import Any
 
 from serve_app.jobs.report import Report
 from serve_app.jobs.sources import SourceError, list_items, segments
