@@ -35,10 +35,13 @@ from typing import Iterator
 
 from PIL import Image, ImageEnhance
 
-from serve_app import cluster
-from tests.pgtools import create_database, drop_database
-
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from serve_app import cluster  # noqa: E402
+from tests.pgtools import create_database, drop_database  # noqa: E402
+
 SHARED = ROOT.parent / "shared"
 PORTS = cluster.ClusterPorts(gcs=6396, dashboard=8286, metrics=8096, http=18110)
 TEMP = "/tmp/ray-faceserve-bench-bulk"
