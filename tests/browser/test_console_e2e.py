@@ -236,6 +236,24 @@ def test_rename_a_subject(flow: Console) -> None:
     assert "barack obama" in subjects_by_name(flow)
 
 
+def test_subjects_are_paged(flow: Console) -> None:
+    page = flow.page
+    with api(flow) as client:
+        for i in range(10):
+            r = client.post("/v1/subjects", json={"name": f"person {i:02d}", "collection": COLLECTION})
+            assert r.status_code == 201, r.text
+    page.click("#subj-clear")  # all of them, 10 a page
+    page.wait_for_selector("#subj-total:has-text('(12)')")
+    assert page.locator("#subj-table tbody tr").count() == 10
+    page.click("#subj-next")
+    page.wait_for_selector("#subj-page:has-text('page 2')")
+    assert page.locator("#subj-table tbody tr").count() == 2 and page.is_disabled("#subj-next")
+    flow.shot("13-subjects-page-2")
+    page.click("#subj-prev")
+    page.wait_for_selector("#subj-page:has-text('page 1')")
+    assert page.locator("#subj-table tbody tr").count() == 10
+
+
 def test_jobs_panel_says_what_there_is(flow: Console) -> None:
     page = flow.page
     page.click("a[href='#jobs']")
@@ -244,7 +262,7 @@ def test_jobs_panel_says_what_there_is(flow: Console) -> None:
         has_jobs_api = client.get("/v1/jobs").status_code != 404
     if not has_jobs_api:
         assert "No bulk jobs API on this server yet" in page.inner_text("#jobs-body")
-    flow.shot("13-jobs")
+    flow.shot("14-jobs")
 
 
 # --- errors are messages, not blank screens ----------------------------------------------------
@@ -259,7 +277,7 @@ def test_a_pdf_upload_is_a_message(new_console: Any, tmp_path: Path) -> None:
     text = error_text(page)
     assert "Detect failed" in text and "unsupported_media_type" in text and "HTTP 415" in text, text
     assert "not an image this page can preview" in page.inner_text("#try-result")  # no broken preview
-    c.shot("14-error-pdf")
+    c.shot("15-error-pdf")
 
 
 def test_a_pdf_among_enrolment_photos_is_reported_per_file(flow: Console, tmp_path: Path) -> None:
@@ -272,7 +290,7 @@ def test_a_pdf_among_enrolment_photos_is_reported_per_file(flow: Console, tmp_pa
     page.wait_for_selector("#enrol-log .bad:has-text('scan.pdf')")
     assert "unsupported_media_type" in page.inner_text("#enrol-log .bad")
     assert "not enrolled" in error_text(page)
-    flow.shot("15-error-enrol-pdf")
+    flow.shot("16-error-enrol-pdf")
 
 
 def test_a_wrong_key_is_a_message(new_console: Any) -> None:
@@ -283,7 +301,7 @@ def test_a_wrong_key_is_a_message(new_console: Any) -> None:
     page.wait_for_selector("#key-state:has-text('No key set')")
     assert page.evaluate("sessionStorage.getItem('faceserve.console.key')") is None
     assert page.evaluate("document.activeElement.id") == "key-input"
-    c.shot("16-error-wrong-key")
+    c.shot("17-error-wrong-key")
 
 
 def test_webcam_frame_can_be_analysed(new_console: Any) -> None:
@@ -298,7 +316,7 @@ def test_webcam_frame_can_be_analysed(new_console: Any) -> None:
     # the synthetic camera shows no face: an answer with none, drawn, not an error
     page.wait_for_selector("#try-result[data-result=detect]")
     assert re.search(r"\d+ face\(s\) detected", page.inner_text("#try-result figcaption"))
-    c.shot("17-webcam-frame")
+    c.shot("18-webcam-frame")
     page.click("#cam-stop")
 
 

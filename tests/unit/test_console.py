@@ -87,6 +87,13 @@ def test_crop_errors(app) -> None:
     assert client.get(f"/v1/subjects/{sid}/faces/{fid}/crop", params={"collection": "nope"}).status_code == 404
 
 
+def test_crop_route_is_documented(app) -> None:
+    client, _, _ = app
+    op = client.get("/openapi.json").json()["paths"]["/v1/subjects/{subject_id}/faces/{face_id}/crop"]["get"]
+    assert "image/jpeg" in op["responses"]["200"]["content"]
+    assert {"401", "403", "404"} <= set(op["responses"])
+
+
 def test_crop_needs_the_read_scope(app) -> None:
     client, access, _ = app
     sid, fid = _enrol(client)

@@ -36,8 +36,10 @@ export async function loadJobs() {
     if (err.status === 404 && err.code === "not_found") {
       out.replaceChildren(h("div", { class: "empty" },
         h("p", {}, h("strong", {}, "No bulk jobs API on this server yet.")),
-        h("p", {}, "Bulk enrolment runs as a Ray job (serve_app.jobs.enroll, submitted with ray job submit); " +
-          "its report is written where the job was told to. This panel lists jobs once the service exposes GET /v1/jobs.")));
+        h("p", {}, "Bulk enrolment runs as a Ray job (python -m serve_app.jobs.enroll, submitted with ray job submit; " +
+          "see docs/BULK.md). Each job writes its report to the object store under reports/enroll/<tenant>/<collection>/."),
+        h("p", {}, "This panel lists jobs, their state and progress, and a finished job's report once the service " +
+          "exposes GET /v1/jobs.")));
       return;
     }
     showError(err, "Listing jobs");
