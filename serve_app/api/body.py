@@ -117,9 +117,9 @@ def check_image_header(name: str, data: bytes) -> str:
         raise InvalidRequest(f"{name} is empty", field=name)
     fmt = sniff_format(data)
     if fmt is None or fmt not in SUPPORTED_FORMATS:
-        what = f"{fmt} images are" if fmt else "this is not an image that is"
+        what = f"{fmt} images are not supported" if fmt else "not a recognised image"
         raise UnsupportedMediaType(
-            f"{name}: {what} not supported; send JPEG, PNG, WebP, BMP, TIFF, GIF or PGM/PPM",
+            f"{name}: {what}; send JPEG, PNG, WebP, BMP, TIFF, GIF or PGM/PPM",
             field=name, format=fmt,
         )
     return fmt
