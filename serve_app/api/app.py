@@ -18,7 +18,7 @@ from serve_app.api import errors
 from serve_app.api.admission import AdmissionGate
 from serve_app.api.body_guard import BodyGuard
 from serve_app.api.deps import Edge
-from serve_app.api.routers import admin, compreface, feedback, gallery, health, recognition, rekognition
+from serve_app.api.routers import admin, compreface, feedback, gallery, health, jobs, recognition, rekognition
 from serve_app.api.routers import crops
 from serve_app.api.schemas import REQUEST_BODY_MODELS, ErrorResponse
 from serve_app.metrics import ServiceMetrics
@@ -40,8 +40,8 @@ def create_app(edge: Edge, metrics: ServiceMetrics | None = None, *, version: st
     app = FastAPI(title="faceserve", version=version, description=API_DESCRIPTION)
     app.state.edge = edge
     errors.install(app)
-    for r in (health.router, recognition.router, gallery.router, feedback.router, admin.router, rekognition.router,
-              compreface.router):
+    for r in (health.router, recognition.router, gallery.router, feedback.router, jobs.router, admin.router,
+              rekognition.router, compreface.router):
         app.include_router(r, responses=_ERROR_RESPONSES if r is not health.router else None)
     app.include_router(crops.router, responses=_ERROR_RESPONSES)
     console.mount(app)  # static files at /console/

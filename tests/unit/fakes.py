@@ -73,6 +73,9 @@ class FakeObjects:
         self.data: dict[str, bytes] = {}
         self.fail_put = False
 
+    def list_keys(self, prefix: str) -> list[str]:
+        return sorted(k for k in self.data if k.startswith(prefix))
+
     async def aput(self, key: str, data: bytes) -> None:
         if self.fail_put:
             raise OSError("object store down")

@@ -261,3 +261,20 @@ def test_open_mode_only_without_any_key(app_client) -> None:
     made = client.post("/v1/keys", json={"scopes": ["admin"]}, headers={"x-api-key": ""}).json()
     _error(client.get("/v1/subjects", headers={"x-api-key": ""}), 401, "unauthorized")  # closed now
     assert client.get("/v1/keys", headers={"x-api-key": made["token"]}).status_code == 200
+
+
+def test_finished_bulk_jobs_are_listed_per_tenant_and_collection(app_client) -> None:
+    import json
+
+    client, _, _ = app_client
+    objects = client.app.state.edge.gallery.objects
+    report = {"summary": {"total": 3, "enrolled": 2, "rejected": 1}, "options": {}, "images": [
+        {"uri": "x.jpg", "status": "rejected", "reason": "no_face"}]}
+    objects.data["reports/enroll/default/default/20261201T200000Z.json"] = json.dumps(report).encode()
+    objects.data["reports/enroll/acme/default/20261201T210000Z.json"] = b"{}"  # another tenant's
+    jobs = client.get("/v1/jobs").json()["jobs"]
+    assert [j["id"] for j in jobs] == ["20261201T200000Z"] and jobs[0]["state"] == "finished"
+    got = client.get("/v1/jobs/20261201T200000Z").json()
+    assert got["summary"]["enrolled"] == 2 and got["images"][0]["reason"] == "no_face"
+    _error(client.get("/v1/jobs/20261201T210000Z"), 404, "not_found")
+    _error(client.get("/v1/jobs/..%2F..%2Fsecret"), 404, "not_found")
