@@ -35,6 +35,9 @@ CLIENT_TIMEOUT_S = 30.0
 RECOVERY_TIMEOUT_S = 120.0
 
 
+COLLECTION = "drills"  # a collection of its own: drill enrolments must not answer other tests' identifies
+
+
 @dataclass
 class Load:
     """Clients identifying and enrolling in a loop until stopped."""
@@ -56,9 +59,10 @@ class Load:
                 try:
                     if kind == "enrol":
                         r = c.post(f"/v1/subjects/{self.subject_id}/faces", files={"image": ("p.jpg", photo)},
-                                   data={"liveness": "off", "largest": "true"})
+                                   params={"collection": COLLECTION}, data={"liveness": "off", "largest": "true"})
                     else:
-                        r = c.post("/v1/identify", files={"image": ("p.jpg", photo)})
+                        r = c.post("/v1/identify", params={"collection": COLLECTION},
+                                   files={"image": ("p.jpg", photo)})
                     status = r.status_code
                 except httpx.TimeoutException:
                     status = 0  # a hang: the drill fails on it
@@ -128,7 +132,8 @@ def _assert_consistent(app: LiveApp, load: Load, subject_id: str) -> None:
 @pytest.fixture()
 def drill_subject(live_app: LiveApp) -> str:
     with live_app.client() as c:
-        return c.post("/v1/subjects", json={"name": f"drill-{time.time_ns()}"}).json()["id"]
+        c.post("/v1/collections", json={"name": COLLECTION})  # 201, or 409 when an earlier drill made it
+        return c.post("/v1/subjects", json={"name": f"drill-{time.time_ns()}", "collection": COLLECTION}).json()["id"]
 
 
 def _report(name: str, load: Load, recovery_s: float) -> None:
@@ -150,7 +155,8 @@ def test_replica_killed_under_load(live_app: LiveApp, drill_subject: str, deploy
         os.kill(pid, signal.SIGKILL)
     time.sleep(2.0)
     recovery = _wait_recovered(live_app, lambda c: c.post(
-        "/v1/identify", files={"image": ("p.jpg", people()["obama"][0].read_bytes())}).status_code == 200)
+        "/v1/identify", params={"collection": COLLECTION},
+        files={"image": ("p.jpg", people()["obama"][0].read_bytes())}).status_code == 200)
     time.sleep(3.0)  # and keeps answering
     load.finish(threads)
     _report(f"{deployment} killed", load, recovery)
@@ -175,7 +181,7 @@ def test_object_store_fails_mid_enrolment(live_app: LiveApp, drill_subject: str)
     aside.rename(crops)
     recovery = _wait_recovered(live_app, lambda c: c.post(
         f"/v1/subjects/{drill_subject}/faces", files={"image": ("p.jpg", people()["obama"][0].read_bytes())},
-        data={"liveness": "off", "largest": "true"}).status_code == 201)
+        params={"collection": COLLECTION}, data={"liveness": "off", "largest": "true"}).status_code == 201)
     load.finish(threads)
     _report("object store failing", load, recovery)
     assert during[503] > 0, f"no enrolment saw the outage: {dict(during)}"
