@@ -91,6 +91,8 @@ def _cmd_start(args: argparse.Namespace) -> int:
         app_args["redis_url"] = settings.redis_url
     if settings.api_key is not None:
         app_args["api_key"] = settings.api_key.get_secret_value()
+    if settings.snapshot_key is not None:
+        app_args["snapshot_key"] = settings.snapshot_key.get_secret_value()
     if settings.trace_exporter != "none":
         app_args["trace_exporter"] = settings.trace_exporter
         app_args["otlp_endpoint"] = settings.otlp_endpoint

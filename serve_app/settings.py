@@ -29,8 +29,11 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         default=None, validation_alias=AliasChoices("REDIS_URL", "FACESERVE_REDIS_URL")
     )
-    # When set, every /v1 request must carry it (X-API-Key or Bearer).
+    # The bootstrap admin key (X-API-Key or Bearer); see serve_app/services/access.py.
     api_key: SecretStr | None = None
+    # When set, index snapshots are HMAC-signed with it and replicas load only
+    # snapshots signed with it (whoever can write the bucket cannot inject faces).
+    snapshot_key: SecretStr | None = None
     models_dir: str | None = Field(
         default=None, validation_alias=AliasChoices("FACE_MODELS_DIR", "FACESERVE_MODELS_DIR")
     )
@@ -85,7 +88,7 @@ def _coerce(base: Settings, updates: dict[str, Any]) -> dict[str, Any]:
     if not updates:
         return {}
     data = base.model_dump()
-    for key in ("database_url", "api_key"):
+    for key in ("database_url", "api_key", "snapshot_key"):
         if isinstance(data.get(key), SecretStr):
             data[key] = data[key].get_secret_value()
     data.update(updates)

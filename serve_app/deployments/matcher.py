@@ -49,7 +49,9 @@ class Matcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="search")
         self._metrics = ServiceMetrics(settings.metrics_enabled)
         self._gallery = GalleryIndex(
-            GalleryRepository(pool), SnapshotStore(ObjectStore(settings.object_store_url))
+            GalleryRepository(pool), SnapshotStore(
+                ObjectStore(settings.object_store_url),
+                signing_key=settings.snapshot_key.get_secret_value().encode() if settings.snapshot_key else None)
         )
         report = await self._gallery.load()
         log.info(

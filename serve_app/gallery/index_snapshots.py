@@ -16,6 +16,8 @@ The newest ``keep`` snapshots per collection are kept, older ones deleted.
 from __future__ import annotations
 
 import hashlib
+import hmac
+import json
 import logging
 import re
 import uuid
@@ -57,8 +59,12 @@ def encode(
     anchor: Anchor | None,
     index: CollectionIndex,
     subject_of: dict[int, uuid.UUID],
+    signing_key: bytes | None = None,
 ) -> bytes:
-    """Serialise one collection; subject_of must cover every id in index."""
+    """Serialise one collection; subject_of must cover every id in index.
+    With a signing key the header carries an HMAC over itself (which covers
+    the body through its sha256), so only holders of the key can make a
+    snapshot replicas will load."""
     index_bytes = index.snapshot(seq)
     face_ids = np.ascontiguousarray(index.ids(), dtype="<i8")
     subjects = b"".join(subject_of[int(f)].bytes for f in face_ids)
@@ -73,14 +79,25 @@ def encode(
         "body_len": len(body),
         "body_sha256": hashlib.sha256(body).hexdigest(),
     }
+    if signing_key:
+        header["hmac"] = _sign(signing_key, header)
     return framing.pack(_MAGIC, FORMAT_VERSION, header, body)
 
 
-def decode(data: bytes, *, collection_id: int | None = None, seq: int | None = None) -> CollectionSnapshot:
-    """Parse and fully validate a blob; IndexCorrupt for anything not whole and ours."""
+def _sign(key: bytes, header: dict) -> str:
+    fields = {k: v for k, v in header.items() if k != "hmac"}
+    return hmac.new(key, json.dumps(fields, sort_keys=True).encode(), hashlib.sha256).hexdigest()
+
+
+def decode(data: bytes, *, collection_id: int | None = None, seq: int | None = None,
+           signing_key: bytes | None = None) -> CollectionSnapshot:
+    """Parse and fully validate a blob; IndexCorrupt for anything not whole and ours
+    (with a signing key: anything not signed with it)."""
     header, body = framing.unpack(
         data, magic=_MAGIC, version=FORMAT_VERSION, what="collection snapshot", max_header=_MAX_HEADER
     )
+    if signing_key and not hmac.compare_digest(str(header.get("hmac", "")), _sign(signing_key, header)):
+        raise IndexCorrupt("collection snapshot is not signed with this deployment's snapshot key")
     for key in ("collection_id", "seq", "faces", "index_len", "body_len"):
         if not isinstance(header.get(key), int) or header[key] < 0:
             raise IndexCorrupt(f"collection snapshot header lacks a valid {key!r}")
@@ -120,8 +137,10 @@ def decode(data: bytes, *, collection_id: int | None = None, seq: int | None = N
 class SnapshotStore:
     """Write, list, read and prune collection snapshots (blocking: call from a thread)."""
 
-    def __init__(self, objects: ObjectStore, prefix: str = "index-snapshots", keep: int = 2) -> None:
+    def __init__(self, objects: ObjectStore, prefix: str = "index-snapshots", keep: int = 2,
+                 signing_key: bytes | None = None) -> None:
         self.objects = objects
+        self.signing_key = signing_key
         self.prefix = prefix.strip("/")
         self.keep = max(1, keep)
 
@@ -150,7 +169,7 @@ class SnapshotStore:
         return sorted(seqs, reverse=True)
 
     def write(self, snap: CollectionSnapshot) -> str:
-        blob = encode(snap.collection_id, snap.seq, snap.anchor, snap.index, snap.subject_of)
+        blob = encode(snap.collection_id, snap.seq, snap.anchor, snap.index, snap.subject_of, self.signing_key)
         return self.write_blob(snap.collection_id, snap.seq, blob)
 
     def write_blob(self, collection_id: int, seq: int, blob: bytes) -> str:
@@ -160,7 +179,8 @@ class SnapshotStore:
         return key
 
     def read(self, collection_id: int, seq: int) -> CollectionSnapshot:
-        return decode(self.objects.get(self.key(collection_id, seq)), collection_id=collection_id, seq=seq)
+        return decode(self.objects.get(self.key(collection_id, seq)), collection_id=collection_id, seq=seq,
+                      signing_key=self.signing_key)
 
     def load_newest(
         self,

@@ -128,3 +128,37 @@ def test_put_atomic_leaves_no_temp_file(tmp_path: Path) -> None:
     objects.put_atomic("a/b.bin", b"two")
     assert objects.get("a/b.bin") == b"two"
     assert objects.list_keys("a") == ["a/b.bin"]
+
+
+def test_signed_snapshots_refuse_unsigned_and_forged_ones(tmp_path: Path) -> None:
+    """With a snapshot key, only snapshots signed with it load: whoever can
+    write the bucket cannot inject identities by writing a valid-looking blob."""
+    import json
+
+    key = b"k" * 32
+    snap = _snapshot(5)
+    signed = encode(snap.collection_id, snap.seq, snap.anchor, snap.index, snap.subject_of, key)
+    _same(decode(signed, signing_key=key), snap)
+    unsigned = encode(snap.collection_id, snap.seq, snap.anchor, snap.index, snap.subject_of)
+    with pytest.raises(IndexCorrupt, match="not signed"):
+        decode(unsigned, signing_key=key)
+    with pytest.raises(IndexCorrupt, match="not signed"):
+        decode(encode(snap.collection_id, snap.seq, snap.anchor, snap.index, snap.subject_of, b"x" * 32),
+               signing_key=key)
+    # a forger who rewrites the header (and its checksum) cannot recompute the HMAC
+    other = _snapshot(5, seed=3)
+    forged = encode(other.collection_id, other.seq, other.anchor, other.index, other.subject_of)
+    from index import framing
+    from serve_app.gallery import index_snapshots as S
+
+    header, body = framing.unpack(forged, magic=S._MAGIC, version=S.FORMAT_VERSION, what="x")
+    header["hmac"] = framing.unpack(signed, magic=S._MAGIC, version=S.FORMAT_VERSION, what="x")[0]["hmac"]
+    with pytest.raises(IndexCorrupt):
+        decode(framing.pack(S._MAGIC, S.FORMAT_VERSION, header, bytes(body)), signing_key=key)
+    # the store signs what it writes and falls back past what it cannot verify
+    store = SnapshotStore(ObjectStore(f"file://{tmp_path}/objects"), signing_key=key)
+    store.write(snap)
+    _same(store.read(snap.collection_id, snap.seq), snap)
+    store.objects.put(store.key(snap.collection_id, 9), unsigned)
+    with pytest.raises(IndexCorrupt):
+        store.read(snap.collection_id, 9)
