@@ -88,6 +88,8 @@ class LiveApp:
                 "models_dir": str(MODELS_DIR),
                 "redis_url": REDIS_URL,
                 "api_key": BOOTSTRAP_KEY,
+                # snapshots are signed and verified (the restart test loads them)
+                "snapshot_key": "it-snapshot-signing-key",
                 "trace_exporter": "otlp",
                 "otlp_endpoint": self.traces.endpoint,
                 "trace_schedule_delay_ms": 200,
