@@ -126,11 +126,19 @@ def run_http(folder: Path, n: int) -> tuple[float, int]:
             (sub / subject.name).mkdir(parents=True, exist_ok=True)
             shutil.copy(photo, sub / subject.name / photo.name)
             done += 1
+    import httpx
+
+    r = httpx.post(f"{PORTS.http_url}/v1/collections", json={"name": "bench_http"}, timeout=30)
+    if r.status_code != 201:
+        sys.exit(f"could not create the HTTP collection: {r.status_code} {r.text}")
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-m", "serve_app.cli", "enroll-folder", str(sub), "--url", PORTS.http_url,
                           "--collection", "bench_http", "--liveness", "block"], capture_output=True, text=True)
     wall = time.perf_counter() - t0
-    print("  HTTP:", (out.stdout.strip().splitlines() or ["?"])[-1])
+    summary = (out.stdout.strip().splitlines() or [""])[-1]
+    if not summary.startswith("enrolled "):
+        sys.exit(f"enroll-folder failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+    print("  HTTP:", summary)
     return wall, done
 
 
