@@ -82,17 +82,23 @@ async def principal(request: Request, edge: EdgeDep,
     """The caller (key, tenant, scopes), then its quotas: per key and per tenant."""
     host = request.client.host if request.client else "unknown"
     who = (await edge.auth.authenticate(request.headers, host)).acting_for(tenant)
-    if edge.quota is not None:
-        key_limit = who.requests_per_minute or edge.config().requests_per_minute
-        tenant_limit = (await edge.auth.tenant(who.tenant)).requests_per_minute
-        for subject, limit, what in ((quota_subject(who), key_limit, "this key"),
-                                     (f"tenant:{who.tenant}", tenant_limit, "this tenant")):
-            if limit > 0:
-                decision = await edge.quota.check(subject, limit)
-                if not decision.allowed:
-                    raise RateLimited(f"more than {limit} requests a minute from {what}; retry later",
-                                      limit=limit, retry_after_s=decision.retry_after_s)
+    await charge_quota(edge, who)
     return who
+
+
+async def charge_quota(edge: Edge, who: Principal) -> None:
+    """Per key, then per tenant (429 + Retry-After); every API surface calls this."""
+    if edge.quota is None:
+        return
+    key_limit = who.requests_per_minute or edge.config().requests_per_minute
+    tenant_limit = (await edge.auth.tenant(who.tenant)).requests_per_minute
+    for subject, limit, what in ((quota_subject(who), key_limit, "this key"),
+                                 (f"tenant:{who.tenant}", tenant_limit, "this tenant")):
+        if limit > 0:
+            decision = await edge.quota.check(subject, limit)
+            if not decision.allowed:
+                raise RateLimited(f"more than {limit} requests a minute from {what}; retry later",
+                                  limit=limit, retry_after_s=decision.retry_after_s)
 
 
 def require(scope: str) -> Callable[..., Any]:

@@ -167,28 +167,27 @@ class IdentifyResponse(BaseModel):
 
 
 # --- image request bodies (documented; parsed by api/body.py) ---------------------------
-class ImageForm(BaseModel):
+class _ImageOptions(BaseModel):
+    """Fields every image route reads (each uses the ones that apply to it)."""
+
+    liveness: LivenessParam | None = None
+    collection: str | None = None
+    top_k: int | None = Field(None, ge=1, le=100)
+    min_seq: int | None = Field(None, ge=0)
+    largest: bool | None = None
+    target_fmr: float | None = Field(None, gt=0, lt=1, description="decide at this false-match rate")
+
+
+class ImageForm(_ImageOptions):
     """multipart/form-data: the image file plus optional fields."""
 
     image: bytes = Field(json_schema_extra={"format": "binary"})
-    liveness: LivenessParam | None = None
-    collection: str | None = None
-    top_k: int | None = Field(None, ge=1, le=100)
-    min_seq: int | None = Field(None, ge=0)
-    largest: bool | None = None
-    target_fmr: float | None = Field(None, gt=0, lt=1, description="decide at this false-match rate")
 
 
-class ImageJSON(BaseModel):
+class ImageJSON(_ImageOptions):
     """application/json: the image as base64 (or a data: URL)."""
 
     image: str = Field(json_schema_extra={"format": "byte"})
-    liveness: LivenessParam | None = None
-    collection: str | None = None
-    top_k: int | None = Field(None, ge=1, le=100)
-    min_seq: int | None = Field(None, ge=0)
-    largest: bool | None = None
-    target_fmr: float | None = Field(None, gt=0, lt=1, description="decide at this false-match rate")
 
 
 class VerifyForm(BaseModel):

@@ -6,9 +6,8 @@ from fastapi import Request
 from serve_app.api.compat import sigv4
 from serve_app.api.compat.aws import AwsError
 from serve_app.api.deps import Edge
-from serve_app.errors import RateLimited
 from serve_app.gallery.access import SCOPES
-from serve_app.services.access import Principal, quota_subject
+from serve_app.services.access import Principal
 
 
 def header_lists(request: Request) -> dict[str, list[str]]:
@@ -48,16 +47,3 @@ def _raw_path(request: Request) -> str:
     return raw.decode("latin-1") if raw else request.url.path
 
 
-async def charge_quota(edge: Edge, who: Principal) -> None:
-    """Per key, then per tenant: the checks api/deps.py principal() makes for native routes."""
-    if edge.quota is None:
-        return
-    key_limit = who.requests_per_minute or edge.config().requests_per_minute
-    tenant_limit = (await edge.auth.tenant(who.tenant)).requests_per_minute
-    for subject, limit, what in ((quota_subject(who), key_limit, "this key"),
-                                 (f"tenant:{who.tenant}", tenant_limit, "this tenant")):
-        if limit > 0:
-            decision = await edge.quota.check(subject, limit)
-            if not decision.allowed:
-                raise RateLimited(f"more than {limit} requests a minute from {what}; retry later",
-                                  limit=limit, retry_after_s=decision.retry_after_s)

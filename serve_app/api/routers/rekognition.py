@@ -18,7 +18,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from serve_app.api.body import read_capped
-from serve_app.api.compat.auth import charge_quota, sigv4_principal
+from serve_app.api.compat.auth import sigv4_principal
+from serve_app.api.deps import charge_quota
 from serve_app.api.compat.aws import AwsError, aws_error
 from serve_app.api.compat.rekognition_ops import OPERATIONS, Call
 from serve_app.api.deps import get_edge
