@@ -19,10 +19,9 @@ from fastapi.responses import JSONResponse
 
 from serve_app.api.body import read_capped
 from serve_app.api.compat.auth import sigv4_principal
-from serve_app.api.deps import charge_quota
 from serve_app.api.compat.aws import AwsError, aws_error
 from serve_app.api.compat.rekognition_ops import OPERATIONS, Call
-from serve_app.api.deps import get_edge
+from serve_app.api.deps import charge_quota, get_edge
 
 log = logging.getLogger("ray.serve")
 router = APIRouter(tags=["compat: AWS Rekognition"])
