@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from models.alignment import align_face
+from models.alignment import Relandmarker, align_face
 from models.detection import DetectedFace, FaceDetector
 from models.liveness import LIVENESS_SPECS, liveness_crop
 from models.quality import FaceQuality, QualityBars, assess_face
@@ -52,7 +52,7 @@ def _scaled(face: DetectedFace, factor: float, dx: float = 0.0, dy: float = 0.0)
 
 
 def cut_face(work: WorkingImage, face: DetectedFace, *, liveness: bool, enrol: bool,
-             bars: QualityBars | None = None) -> FaceCrops:
+             bars: QualityBars | None = None, relandmarker: Relandmarker | None = None) -> FaceCrops:
     """``face`` is in original-image coordinates. Quality is measured on the
     same pixels the aligned crop comes from (full resolution for small faces)."""
     small = min(face.width, face.height) * work.scale < FULL_RES_BELOW_PX and work.scale < 1.0
@@ -61,7 +61,10 @@ def cut_face(work: WorkingImage, face: DetectedFace, *, liveness: bool, enrol: b
     else:
         pixels, ox, oy, factor = work.pixels, 0.0, 0.0, work.scale
     box, lms = _scaled(face, factor, ox, oy)
-    aligned = align_face(pixels, lms, ALIGNED_SIZE)
+    align_lms = lms
+    if relandmarker is not None:  # a second opinion on the points where the first are unreliable
+        align_lms = relandmarker.landmarks(pixels, DetectedFace(box, lms, face.score))
+    aligned = align_face(pixels, align_lms, ALIGNED_SIZE)
     live = None
     if liveness:
         live = {spec.scale: liveness_crop(pixels, box, spec.scale, LIVENESS_SIZE) for spec in LIVENESS_SPECS}
@@ -95,7 +98,7 @@ def _enrol_jpeg(pixels: np.ndarray, box: tuple[float, float, float, float]) -> b
 
 
 def run_detection(detector: FaceDetector, data: bytes, cfg: DetectorConfig, opts: DetectOptions,
-                  trace: dict[str, str] | None = None) -> DetectionResult:
+                  trace: dict[str, str] | None = None, relandmarker: Relandmarker | None = None) -> DetectionResult:
     """Compressed bytes -> faces (original coordinates) and their crops.
 
     Peak memory: one image's reduced decode (at most cfg.full_decode_bytes
@@ -112,7 +115,8 @@ def run_detection(detector: FaceDetector, data: bytes, cfg: DetectorConfig, opts
     faces = [DetectedFace((f.box[0] * inv, f.box[1] * inv, f.box[2] * inv, f.box[3] * inv),
                           f.landmarks * np.float32(inv), float(f.score)) for f in found]
     bars = QualityBars.from_mapping(cfg.quality_bars)
-    crops = [cut_face(work, f, liveness=opts.liveness_crops, enrol=opts.enrol_crops, bars=bars) for f in faces]
+    crops = [cut_face(work, f, liveness=opts.liveness_crops, enrol=opts.enrol_crops, bars=bars,
+                      relandmarker=relandmarker) for f in faces]
     t3 = time.perf_counter()
     aligned = (np.stack([c.aligned for c in crops]) if crops
                else np.zeros((0, ALIGNED_SIZE, ALIGNED_SIZE, 3), np.uint8))

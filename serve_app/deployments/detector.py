@@ -36,6 +36,7 @@ class Detector:
         self._stage = BatchedStage("detect", self._metrics, span=None)
         self._config = DetectorConfig()
         self._detector = self._make(self._config)
+        self._relandmarker: Any = None
         _limit_threads(self._threads)
 
     def _make(self, cfg: DetectorConfig) -> Any:
@@ -50,6 +51,13 @@ class Detector:
         model_keys = ("detector", "score_threshold", "min_face_size", "max_side")
         if any(getattr(cfg, k) != getattr(self._config, k) for k in model_keys):
             self._detector = self._make(cfg)
+        if cfg.relandmark != "never" and (self._relandmarker is None or self._relandmarker.policy != cfg.relandmark):
+            from models.alignment import Relandmarker
+            from models.detection import MTCNNDetector
+
+            self._relandmarker = Relandmarker(MTCNNDetector(torch_threads=self._threads), policy=cfg.relandmark)
+        elif cfg.relandmark == "never":
+            self._relandmarker = None
         self.detect_batch.set_max_batch_size(cfg.max_batch_size)
         self.detect_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         self._config = cfg
@@ -78,7 +86,8 @@ class Detector:
 
     def _run_one(self, request: DetectRequest) -> DetectionResult:
         n0 = now_ns()
-        result = run_detection(self._detector, request.data, self._config, request.options, request.trace)
+        result = run_detection(self._detector, request.data, self._config, request.options, request.trace,
+                               self._relandmarker)
         _record_spans(request.trace, n0, now_ns(), result)
         self._metrics.faces_per_image.observe(len(result))
         self._metrics.observe_stages({"decode": result.timings_ms["decode"]})

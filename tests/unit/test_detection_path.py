@@ -190,3 +190,23 @@ def test_peak_memory_of_a_6300px_png_is_bounded(faces_dir: Path, tmp_path: Path)
     assert result["faces"] == 1
     assert result["growth_mb"] > 0  # the measurement sees the work
     assert result["growth_mb"] < PEAK_RSS_BOUND_MB
+
+
+def test_relandmarking_on_a_small_tilted_face_helps_alignment(faces_dir: Path, yunet: YuNetDetector,
+                                                               sface: SFaceEmbedder) -> None:
+    """The Detector's `relandmark` option: MTCNN's points for faces whose own
+    points are unreliable (docs/ACCURACY.md: obama_240p turned 30 degrees)."""
+    from models.alignment import Relandmarker
+    from models.detection import MTCNNDetector
+
+    src = Image.open(faces_dir / "people" / "obama" / "obama_240p.jpg").convert("RGB")
+    tilted = _encode(src.rotate(30, resample=Image.Resampling.BICUBIC, expand=True), "JPEG", quality=92)
+    reference = sface.embed(run_detection(yunet, (faces_dir / "people" / "obama" / "obama_1.jpg").read_bytes(),
+                                          DetectorConfig(), DetectOptions()).aligned)[0]
+    plain = run_detection(yunet, tilted, DetectorConfig(), DetectOptions())
+    fixed = run_detection(yunet, tilted, DetectorConfig(relandmark="small_or_flagged"), DetectOptions(),
+                          relandmarker=Relandmarker(MTCNNDetector(torch_threads=1), policy="small_or_flagged"))
+    assert len(plain) == len(fixed) == 1
+    before, after = _cos(sface.embed(plain.aligned)[0], reference), _cos(sface.embed(fixed.aligned)[0], reference)
+    print(f"relandmarking, obama_240p turned 30 degrees: similarity to obama_1 {before:.3f} -> {after:.3f}")
+    assert after > before, (before, after)
