@@ -31,8 +31,6 @@ from PIL import Image
 from models.images import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PIXELS,
-    SUPPORTED_FORMATS,
-    ImageTooLarge,
     ImageUnreadable,
     decode_opened,
     open_checked,
@@ -118,7 +116,7 @@ def _vips_to_rgb(img: Any) -> np.ndarray:
         hi = 65535.0 if img.format in ("ushort", "short") else float(max(img.max(), 1.0))
         img = img * (255.0 / hi)
     if img.format != "uchar":
-        img = (img.maxpair(0) if hasattr(img, "maxpair") else img).cast("uchar")
+        img = img.cast("uchar")  # libvips clips to 0-255
     if img.bands == 1:
         img = img.bandjoin([img, img])
     elif img.bands == 2:  # grey + something that was not alpha
@@ -154,8 +152,7 @@ class WorkingImage:
         if self.full is not None:
             return self.full[y1:y2, x1:x2], (x1, y1)
         if self.source is None:
-            # Nothing better than the working image: scale the region up from it.
-            return self._from_working(x1, y1, x2, y2), (x1, y1)
+            raise ValueError("a working image holds either the whole image or its source bytes")
         vips = _vips()
         sw, sh = self.stored_size
         sx1, sy1, sx2, sy2 = _to_stored((x1, y1, x2, y2), self.orientation, sw, sh)
@@ -169,14 +166,6 @@ class WorkingImage:
         if self.orientation in _ORIENT_OPS:
             crop = np.asarray(Image.fromarray(crop).transpose(_ORIENT_OPS[self.orientation]))
         return np.ascontiguousarray(crop), (x1, y1)
-
-    def _from_working(self, x1: int, y1: int, x2: int, y2: int) -> np.ndarray:
-        s = self.scale
-        h, w = self.pixels.shape[:2]
-        wx1, wy1 = int(x1 * s), int(y1 * s)
-        wx2, wy2 = max(wx1 + 1, min(w, int(np.ceil(x2 * s)))), max(wy1 + 1, min(h, int(np.ceil(y2 * s))))
-        patch = self.pixels[wy1:wy2, wx1:wx2]
-        return cv2.resize(patch, (x2 - x1, y2 - y1), interpolation=cv2.INTER_LINEAR)
 
 
 def _shrink(rgb: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
@@ -267,5 +256,3 @@ def _decoded_bytes(im: Image.Image) -> int:
     # The RGB conversion holds a second copy while the first is alive.
     return im.width * im.height * (per_pixel + 3)
 
-
-__all__ = ["WorkingImage", "decode_working", "DEFAULT_MAX_SIDE", "SUPPORTED_FORMATS", "ImageTooLarge"]

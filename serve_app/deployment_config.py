@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from models.embedding import SFACE_DEFAULT_THRESHOLD
+from models.quality import QualityBars
 
 
 class _Config(BaseModel):
@@ -69,6 +70,16 @@ class DetectorConfig(_Config):
     full_decode_bytes: int = Field(48_000_000, ge=1_000_000)
     max_batch_size: int = Field(8, ge=1, le=256)
     batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=1.0)
+
+    _bars: QualityBars = PrivateAttr()
+
+    def model_post_init(self, _context: object) -> None:
+        # Built here, once: a bad bar fails reconfigure() (the deploy), not each request.
+        self._bars = QualityBars.from_mapping(self.quality_bars)
+
+    @property
+    def bars(self) -> QualityBars:
+        return self._bars
 
 
 class EmbedderConfig(_Config):

@@ -57,7 +57,8 @@ def cut_face(work: WorkingImage, face: DetectedFace, *, liveness: bool, enrol: b
     same pixels the aligned crop comes from (full resolution for small faces)."""
     small = min(face.width, face.height) * work.scale < FULL_RES_BELOW_PX and work.scale < 1.0
     if small or enrol:
-        pixels, (ox, oy), factor = _region(work, face)
+        pixels, (ox, oy) = _region(work, face)
+        factor = 1.0
     else:
         pixels, ox, oy, factor = work.pixels, 0.0, 0.0, work.scale
     box, lms = _scaled(face, factor, ox, oy)
@@ -73,14 +74,12 @@ def cut_face(work: WorkingImage, face: DetectedFace, *, liveness: bool, enrol: b
     return FaceCrops(aligned, live, enrol_jpeg, quality)
 
 
-def _region(work: WorkingImage, face: DetectedFace) -> tuple[np.ndarray, tuple[float, float], float]:
-    """Full-resolution pixels around the face; (pixels, origin, factor=1)."""
-    if work.scale >= 1.0 and work.full is None:
-        return work.pixels, (0.0, 0.0), 1.0
+def _region(work: WorkingImage, face: DetectedFace) -> tuple[np.ndarray, tuple[float, float]]:
+    """Full-resolution pixels around the face, and their top-left corner."""
     cx, cy = (face.box[0] + face.box[2]) / 2, (face.box[1] + face.box[3]) / 2
     half = max(face.width, face.height) * REGION_SCALE / 2
     region, origin = work.region((cx - half, cy - half, cx + half, cy + half))
-    return region, (float(origin[0]), float(origin[1])), 1.0
+    return region, (float(origin[0]), float(origin[1]))
 
 
 def _enrol_jpeg(pixels: np.ndarray, box: tuple[float, float, float, float]) -> bytes:
@@ -114,7 +113,7 @@ def run_detection(detector: FaceDetector, data: bytes, cfg: DetectorConfig, opts
     inv = 1.0 / work.scale
     faces = [DetectedFace((f.box[0] * inv, f.box[1] * inv, f.box[2] * inv, f.box[3] * inv),
                           f.landmarks * np.float32(inv), float(f.score)) for f in found]
-    bars = QualityBars.from_mapping(cfg.quality_bars)
+    bars = cfg.bars
     crops = [cut_face(work, f, liveness=opts.liveness_crops, enrol=opts.enrol_crops, bars=bars,
                       relandmarker=relandmarker) for f in faces]
     t3 = time.perf_counter()

@@ -11,7 +11,7 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -20,10 +20,6 @@ from serve_app.telemetry import now_ns, record_span
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-class Traced(Protocol):
-    trace: dict[str, str]
 
 
 # Model work runs at a lower CPU priority than the event loops that route,

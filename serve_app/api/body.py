@@ -84,13 +84,7 @@ async def parse_request(request: Request, *, max_bytes: int) -> ParsedRequest:
                 out.fields.setdefault(key, value)
         return out
     if ctype == "application/json" or ctype.endswith("+json"):
-        body = await read_capped(request, cap)
-        try:
-            payload = json.loads(body or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-            raise InvalidRequest("body is not valid JSON") from None
-        if not isinstance(payload, dict):
-            raise InvalidRequest("JSON body must be an object")
+        payload = await read_json_object(request, cap)
         for key, value in payload.items():
             if key.startswith("image") and isinstance(value, str):
                 out.images[key] = _b64(key, value, max_bytes)
@@ -109,6 +103,18 @@ async def parse_request(request: Request, *, max_bytes: int) -> ParsedRequest:
         f"content type {ctype!r} is not accepted; send multipart/form-data, application/json "
         "with base64 images, or raw image/* bytes"
     )
+
+
+async def read_json_object(request: Request, cap: int) -> dict[str, Any]:
+    """The body as a JSON object (an empty body is {}), read with a hard cap."""
+    raw = await read_capped(request, cap)
+    try:
+        data = json.loads(raw or b"{}")
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise InvalidRequest("body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("JSON body must be an object")
+    return data
 
 
 def check_image_header(name: str, data: bytes) -> str:

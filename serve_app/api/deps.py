@@ -6,7 +6,7 @@ lines each and tests can build the app around fakes (api/app.py create_app).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Any, Callable
 
 from fastapi import Depends, Query, Request
@@ -29,11 +29,6 @@ class QuotaPort:
     async def check(self, client: str, limit: int) -> Any: ...
 
 
-class AuditPort:
-    async def audit(self, tenant: str, actor: str, action: str, target: str = "", *,
-                    trace_id: str | None = None, details: dict[str, Any] | None = None) -> None: ...
-
-
 @dataclass
 class Edge:
     """What the routes share, built once per ingress replica."""
@@ -48,7 +43,6 @@ class Edge:
     feedback: Any = None  # services.feedback.FeedbackService
     ready: Callable[[], Any] | None = None
     observe_stages: Callable[[dict[str, float]], None] | None = None  # stage-latency metric
-    extras: dict[str, Any] = field(default_factory=dict)
 
     def policy(self, value: Any) -> LivenessPolicy:
         return LivenessPolicy.parse(value, LivenessPolicy(self.config().liveness_policy_default))

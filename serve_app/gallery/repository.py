@@ -576,15 +576,6 @@ class GalleryRepository:
                 probes.setdefault(r["id"], []).append(bytes_to_vec(r["embedding"]))
         return names, {k: np.stack(v) for k, v in probes.items()}
 
-    async def subject_names(self, subject_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
-        if not subject_ids:
-            return {}
-        async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
-            rows = await conn.fetch(
-                "SELECT id, name FROM subjects WHERE id = ANY($1::uuid[])", subject_ids
-            )
-        return {r["id"]: r["name"] for r in rows}
-
     # --- change log (matcher side) -----------------------------------------
     async def load_all(self) -> tuple[int, list[Change]]:
         """Every face now in the gallery plus the log position it reflects.
@@ -682,17 +673,6 @@ class GalleryRepository:
                                       feedback_id, collection.id)
         if done.endswith(" 0"):
             raise NotFoundError(f"no feedback {feedback_id}", feedback_id=feedback_id)
-
-    async def feedback_vectors(self, collection: Collection,
-                               subject_ids: list[uuid.UUID]) -> dict[uuid.UUID, np.ndarray]:
-        async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
-            rows = await conn.fetch(
-                "SELECT subject_id, embedding FROM feedback WHERE collection_id = $1 AND subject_id = ANY($2)",
-                collection.id, subject_ids)
-        out: dict[uuid.UUID, list[np.ndarray]] = {}
-        for r in rows:
-            out.setdefault(r["subject_id"], []).append(bytes_to_vec(r["embedding"]))
-        return {k: np.stack(v) for k, v in out.items()}
 
     async def latest_seq(self) -> int:
         async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:

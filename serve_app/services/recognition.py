@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -34,9 +34,7 @@ class PipelinePort(Protocol):
 class RecognitionRepo(Protocol):
     async def subject_embeddings(self, collection: Collection, subject_id: uuid.UUID) -> tuple[list[str], np.ndarray]: ...
     async def get_subject(self, collection: Collection, subject_id: uuid.UUID) -> Subject: ...
-    async def subject_names(self, subject_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]: ...
     async def latest_seq(self) -> int: ...
-    async def feedback_vectors(self, collection: Collection, subject_ids: list[uuid.UUID]) -> dict[uuid.UUID, np.ndarray]: ...
     async def names_and_feedback(self, collection: Collection, subject_ids: list[uuid.UUID]
                                  ) -> tuple[dict[uuid.UUID, str], dict[uuid.UUID, np.ndarray]]: ...
 
@@ -86,7 +84,6 @@ class Verification:
     second_face: int | None = None
     subject: Subject | None = None
     faces_compared: int = 0
-    extra: dict[str, object] = field(default_factory=dict)
 
     @property
     def match(self) -> bool:

@@ -8,17 +8,12 @@ Screenshots of every screen land in tests/browser/artifacts/ (git-ignored).
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
-from serve_app import cluster
-from tests.integration.conftest import BOOTSTRAP_KEY, PORTS, LiveApp
-from tests.integration.otlp_receiver import OTLPReceiver
-from tests.pgtools import create_database, drop_database
+from tests.integration.conftest import BOOTSTRAP_KEY, LiveApp, running_live_app
 
 HERE = Path(__file__).resolve().parent
 ARTIFACTS = HERE / "artifacts"
@@ -65,25 +60,8 @@ def console_app() -> Iterator[LiveApp | RunningApp]:
     if os.environ.get("FACESERVE_CONSOLE_URL"):
         yield RunningApp(os.environ["FACESERVE_CONSOLE_URL"])
         return
-    dbname, dsn = create_database("faceserve_console")
-    workdir = Path(tempfile.mkdtemp(prefix="faceserve-console-"))
-    app = LiveApp(url=PORTS.http_url, database_url=dsn, object_dir=workdir / "objects", ports=PORTS,
-                  workdir=workdir, traces=OTLPReceiver().start())
-    started_ray = False
-    try:
-        if not cluster.ray_running(PORTS):
-            cluster.start_ray_head(PORTS, num_cpus=4, temp_dir="/tmp/ray-faceserve-it")
-            started_ray = True
-        cluster.serve_deploy(app._config(), PORTS, workdir)
-        cluster.wait_ready(app.url, timeout_s=420)
+    with running_live_app("faceserve_console") as app:
         yield app
-    finally:
-        cluster.serve_shutdown(PORTS)
-        if started_ray:
-            cluster.stop_ray("/tmp/ray-faceserve-it", gcs_port=PORTS.gcs)
-        drop_database(dbname)
-        shutil.rmtree(workdir, ignore_errors=True)
-        app.traces.stop()
 
 
 @pytest.fixture(scope="package")

@@ -7,6 +7,7 @@ afterwards.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -99,10 +100,12 @@ class LiveApp:
         )
 
 
-@pytest.fixture(scope="session")
-def live_app() -> Iterator[LiveApp]:
-    dbname, dsn = create_database("faceserve_it")
-    workdir = Path(tempfile.mkdtemp(prefix="faceserve-it-"))
+@contextlib.contextmanager
+def running_live_app(name: str) -> Iterator[LiveApp]:
+    """A Ray head (unless one runs) + `serve deploy` on a fresh database named
+    after ``name``; everything it started is torn down afterwards."""
+    dbname, dsn = create_database(name)
+    workdir = Path(tempfile.mkdtemp(prefix=f"{name}-"))
     app = LiveApp(
         url=PORTS.http_url,
         database_url=dsn,
@@ -130,6 +133,12 @@ def live_app() -> Iterator[LiveApp]:
         drop_database(dbname)
         shutil.rmtree(workdir, ignore_errors=True)
         app.traces.stop()
+
+
+@pytest.fixture(scope="session")
+def live_app() -> Iterator[LiveApp]:
+    with running_live_app("faceserve_it") as app:
+        yield app
 
 
 @pytest.fixture()

@@ -151,9 +151,9 @@ class FakeRepo:
         return self.seq
 
     async def names_and_feedback(self, collection: Collection, subject_ids: list[uuid.UUID]) -> Any:
-        return await self.subject_names(subject_ids), await self.feedback_vectors(collection, subject_ids)
+        return await self._names(subject_ids), await self._feedback(collection, subject_ids)
 
-    async def feedback_vectors(self, collection: Collection, subject_ids: list[uuid.UUID]) -> dict[uuid.UUID, np.ndarray]:
+    async def _feedback(self, collection: Collection, subject_ids: list[uuid.UUID]) -> dict[uuid.UUID, np.ndarray]:
         out: dict[uuid.UUID, list[np.ndarray]] = {}
         for cid, sid, vec in self.feedback.values():
             if cid == collection.id and sid in subject_ids:
@@ -183,7 +183,7 @@ class FakeRepo:
             raise NotFound(f"no feedback {feedback_id}")
         del self.feedback[feedback_id]
 
-    async def subject_names(self, subject_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
+    async def _names(self, subject_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
         return {sid: self.subjects[sid][1].name for sid in subject_ids if sid in self.subjects}
 
     async def subject_embeddings(self, collection: Collection, subject_id: uuid.UUID) -> tuple[list[str], np.ndarray]:

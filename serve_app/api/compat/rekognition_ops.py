@@ -493,25 +493,19 @@ async def associate_faces(call: Call) -> dict[str, Any]:
     """A face is filed under one subject from the moment it is indexed, so a face
     already under this user is associated, and one under another user cannot move
     (ASSOCIATED_TO_A_DIFFERENT_USER)."""
+    own, failed = await _faces_of_user(call)
+    return {"AssociatedFaces": [{"FaceId": fid} for fid in own], "UnsuccessfulFaceAssociations": failed,
+            "UserStatus": "ACTIVE"}
+
+
+async def _faces_of_user(call: Call) -> tuple[list[str], list[dict[str, Any]]]:
+    """The request's FaceIds split into the user's own and the failures
+    (FACE_NOT_FOUND, ASSOCIATED_TO_A_DIFFERENT_USER)."""
     call.who.require("enrol")
     col = await call.collection()
     subject = await _user(call, col)
-    ok, failed = [], []
-    for fid, hit in (await find_faces(call.edge, col, face_ids_field(call))).items():
-        if hit is None:
-            failed.append({"FaceId": fid, "Reasons": ["FACE_NOT_FOUND"]})
-        elif hit[0].id != subject.id:
-            failed.append({"FaceId": fid, "UserId": hit[0].name, "Reasons": ["ASSOCIATED_TO_A_DIFFERENT_USER"]})
-        else:
-            ok.append({"FaceId": fid})
-    return {"AssociatedFaces": ok, "UnsuccessfulFaceAssociations": failed, "UserStatus": "ACTIVE"}
-
-
-async def disassociate_faces(call: Call) -> dict[str, Any]:
-    call.who.require("enrol")
-    col = await call.collection()
-    subject = await _user(call, col)
-    failed, own = [], []
+    own: list[str] = []
+    failed: list[dict[str, Any]] = []
     for fid, hit in (await find_faces(call.edge, col, face_ids_field(call))).items():
         if hit is None:
             failed.append({"FaceId": fid, "Reasons": ["FACE_NOT_FOUND"]})
@@ -519,6 +513,11 @@ async def disassociate_faces(call: Call) -> dict[str, Any]:
             failed.append({"FaceId": fid, "UserId": hit[0].name, "Reasons": ["ASSOCIATED_TO_A_DIFFERENT_USER"]})
         else:
             own.append(fid)
+    return own, failed
+
+
+async def disassociate_faces(call: Call) -> dict[str, Any]:
+    own, failed = await _faces_of_user(call)
     if own:
         raise invalid("faceserve keeps every face with its person and cannot disassociate it; "
                       "delete the face (DeleteFaces) and index it again under another ExternalImageId")

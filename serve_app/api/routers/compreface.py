@@ -10,13 +10,12 @@ same services as the native ones; shapes are in api/compat/compreface_shapes.py.
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any, Awaitable, Callable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from serve_app.api.body import ParsedRequest, parse_request, read_capped
+from serve_app.api.body import ParsedRequest, parse_request, read_json_object
 from serve_app.api.compat import aws
 from serve_app.api.compat import compreface_shapes as cf
 from serve_app.api.compat.rekognition_ops import all_faces, all_subjects, subject_named
@@ -219,14 +218,7 @@ async def recognize(request: Request) -> JSONResponse:
 
 # --- recognition: subjects ------------------------------------------------------------------
 async def _json(request: Request) -> dict[str, Any]:
-    raw = await read_capped(request, 65536)
-    try:
-        data = json.loads(raw or b"{}")
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-        raise InvalidRequest("body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise InvalidRequest("JSON body must be an object")
-    return data
+    return await read_json_object(request, 65536)
 
 
 @router.get("/recognition/subjects", summary="CompreFace: list subjects")
