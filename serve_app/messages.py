@@ -75,6 +75,11 @@ class Hit:
     subject_id: str
     face_id: int
     similarity: float
+    # What identify answers with, from the matcher's own state (kept by the
+    # change log), so identify needs no database read: the subject's name,
+    # and whether the probe is close to one reported "not this person".
+    name: str | None = None
+    demoted: bool = False
 
 
 @dataclass

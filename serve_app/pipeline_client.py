@@ -52,7 +52,9 @@ class Analysis:
 class MatchSpec:
     collection_id: int
     k: int
-    min_seq: int = 0
+    min_seq: int = 0  # the caller's read-your-writes: reached, or 400/503
+    known_seq: int = 0  # this ingress's own newest write: reached when the log can be read
+    feedback_similarity: float | None = None  # mark candidates reported "not this person" this close
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,8 @@ class PipelineClient:
         emb = self.embedder.embed.remote(det) if (spec.embed or spec.match) else None
         live = self.liveness.check.remote(det) if spec.liveness else None
         match = (
-            self.matcher.search.remote(emb, spec.match.collection_id, spec.match.k, spec.match.min_seq)
+            self.matcher.search.remote(emb, spec.match.collection_id, spec.match.k, spec.match.min_seq,
+                                       spec.match.known_seq, spec.match.feedback_similarity)
             if spec.match is not None and emb is not None
             else None
         )

@@ -340,6 +340,8 @@ class FeedbackOut(BaseModel):
     actor: str
     note: str
     created_at: str
+    # On a new report: the change-log seq identify reflects it from (pass as min_seq).
+    seq: int | None = None
 
 
 class FeedbackList(BaseModel):

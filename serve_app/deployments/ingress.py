@@ -78,7 +78,7 @@ class Ingress:
         probes = ProbeCache()
         self._edge = Edge(
             recognition=RecognitionService(self._pipeline, self._repo, _Outcomes(self._metrics), probes),
-            feedback=FeedbackService(self._pipeline, self._repo, probes),
+            feedback=FeedbackService(self._pipeline, self._repo, probes, saw=gallery.saw),
             calibration=_calibration(info["model"]),
             gallery=gallery,
             config=lambda: self._config,

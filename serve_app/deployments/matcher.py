@@ -5,6 +5,9 @@ storage, loads what has none from Postgres, replays the ordered change log
 from there, then follows it: LISTEN/NOTIFY wakes it on every commit, a poll
 every `sync_interval_s` covers a lost listener, and a caller asking for a
 sequence number not reached yet makes it sync at once (read-your-writes).
+It carries each subject's name and "not this person" probes as well (both
+follow the log), so a search answers everything identify needs and keeps
+answering while Postgres is down.
 It writes snapshots every `snapshot_every` changes and rebuilds indexes that
 outgrew their kind, both in the background. Its lag (seq behind, seconds
 since the last good sync) is exported as metrics, and `check_health` fails
@@ -31,6 +34,7 @@ from serve_app.gallery.repository import GalleryRepository, create_pool
 from serve_app.messages import EmbeddingResult, MatchResult
 from serve_app.metrics import ServiceMetrics
 from serve_app.deployment_config import MatcherConfig
+from serve_app.errors import InvalidRequest, ServiceUnavailable
 from serve_app.settings import Settings
 from serve_app.telemetry import now_ns, record_span
 
@@ -109,15 +113,30 @@ class Matcher:
         return await self._gallery.sync()
 
     async def search(
-        self, embeddings: EmbeddingResult, collection_id: int, k: int, min_seq: int = 0
+        self, embeddings: EmbeddingResult, collection_id: int, k: int, min_seq: int = 0,
+        known_seq: int = 0, feedback_similarity: float | None = None,
     ) -> MatchResult:
+        """Top-k subjects per face, named and marked demoted from this replica's
+        own state: no database read unless a seq not applied yet is asked for.
+
+        min_seq is the caller's read-your-writes: 400 if never committed, 503
+        if the log is out of reach, never a stale answer. known_seq is the
+        ingress's own newest write, a courtesy: reached when the log can be
+        read, otherwise (Postgres down, or a log rewound below it) the answer
+        is the state held, and its seq says which."""
         n0, t0 = now_ns(), time.perf_counter()
-        if min_seq > self._gallery.seq:  # 400 if never committed, 503 if the log is out of reach
+        if min_seq > self._gallery.seq:
             await self._gallery.reach(min_seq, self._config.min_seq_timeout_s)
+        if known_seq > self._gallery.seq:
+            try:
+                await self._gallery.reach(known_seq, self._config.min_seq_timeout_s)
+            except (ServiceUnavailable, InvalidRequest) as exc:
+                log.warning("answering at seq %d without reaching this ingress's write %d: %s",
+                            self._gallery.seq, known_seq, exc)
         seq = self._gallery.seq  # read first: the search reflects at least this
         loop = asyncio.get_running_loop()
         hits = await loop.run_in_executor(
-            self._executor, self._gallery.search, collection_id, embeddings.vectors, k
+            self._executor, self._gallery.search, collection_id, embeddings.vectors, k, feedback_similarity
         )
         ms = (time.perf_counter() - t0) * 1000.0
         self._metrics.observe_stages({"search": ms})

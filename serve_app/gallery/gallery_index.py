@@ -1,7 +1,10 @@
 """A matcher replica's in-memory gallery, without Ray.
 
-One CollectionIndex per collection plus the face -> subject map, kept in step
-with Postgres's change log. At start it restores the newest usable snapshot of
+One CollectionIndex per collection plus the face -> subject map, and what
+identify answers with besides: each subject's name and its "not this person"
+probes, all kept in step with Postgres's change log (renames and feedback are
+log entries too), so identify needs no database read and answers through a
+Postgres outage from the state held. At start it restores the newest usable snapshot of
 each collection from object storage, loads collections that have none from
 Postgres (one collection at a time, or everything at once when there are no
 snapshots at all), then replays the log from the oldest position it holds,
@@ -88,6 +91,10 @@ class GalleryIndex:
         self.policy = policy or IndexPolicy()
         self.indexes: dict[int, AdaptiveIndex] = {}
         self.subject_of: dict[int, uuid.UUID] = {}
+        # Identify's answer besides the index: names, and the probes reported
+        # "not this person" per subject (rows, L2-normalised).
+        self.names: dict[uuid.UUID, str] = {}
+        self.feedback: dict[uuid.UUID, np.ndarray] = {}
         self.seq = 0
         # Changes applied per collection that no snapshot covers yet.
         self.pending: dict[int, int] = {}
@@ -124,6 +131,9 @@ class GalleryIndex:
         # Read first: any collection or face committed later has a larger seq,
         # so replaying from <= seq0 cannot miss it.
         seq0 = await self.repo.latest_seq()
+        # Names and probes as of now (>= seq0); the replay below brings every
+        # subject renamed, reported or deleted since up to date.
+        self.names, self.feedback = await self.repo.subject_state()
         collections = {c.id: c for c in await self.repo.list_collections()}
         found = await self._list_snapshots(seq0, collections)
         if not found:
@@ -226,6 +236,7 @@ class GalleryIndex:
         fresh.clock = self.clock
         report = await fresh.load()
         self.indexes, self.subject_of = fresh.indexes, fresh.subject_of
+        self.names, self.feedback = fresh.names, fresh.feedback
         self.pending, self.snapshot_seq = fresh.pending, fresh.snapshot_seq
         self.seq, self.anchor, self.db_seq = fresh.seq, fresh.anchor, fresh.db_seq
         self.reloads += 1
@@ -288,16 +299,24 @@ class GalleryIndex:
                 return n
 
     def apply(self, changes: list[Change], skip: dict[int, int] | None = None) -> None:
-        """Apply log entries (or loaded faces, as adds); entries at or below
+        """Apply log entries (or loaded faces, as adds); face entries at or below
         skip[collection] are already reflected and ignored.
 
         Face ids are never reused and a face's remove follows its add, so
-        adds and removes of one call can be batched per collection.
+        adds and removes of one call can be batched per collection. Names and
+        probes come with each entry as they are now, so applying an entry
+        again (a replay) is harmless.
         """
         adds: dict[int, dict[int, np.ndarray]] = {}
         removes: dict[int, list[int]] = {}
         for ch in changes:
             cid = ch.collection_id
+            if ch.op in ("rename", "feedback"):
+                self._apply_subject(ch)
+                continue
+            if ch.op not in ("add", "remove"):  # a newer writer's op: never guess it is a remove
+                log.warning("ignoring change-log entry %d with unknown op %r", ch.seq, ch.op)
+                continue
             if skip is not None and ch.seq <= skip.get(cid, -1):
                 continue
             self.pending[cid] = self.pending.get(cid, 0) + 1
@@ -306,11 +325,15 @@ class GalleryIndex:
                     continue
                 adds.setdefault(cid, {})[ch.face_id] = ch.embedding
                 self.subject_of[ch.face_id] = ch.subject_id
+                if ch.name is not None:
+                    self.names[ch.subject_id] = ch.name
             else:
                 if ch.face_id in adds.get(cid, {}):
                     del adds[cid][ch.face_id]
                 removes.setdefault(cid, []).append(ch.face_id)
                 self.subject_of.pop(ch.face_id, None)
+                if ch.name is None:  # the subject itself is gone
+                    self._forget_subject(ch.subject_id)
         for cid, ids in removes.items():
             if cid in self.indexes:
                 self.indexes[cid].remove(np.array(ids, np.int64))
@@ -323,18 +346,46 @@ class GalleryIndex:
                 index = self.indexes[cid] = AdaptiveIndex(first.shape[0], self.policy)
             index.add(np.fromiter(vecs.keys(), np.int64, len(vecs)), np.stack(list(vecs.values())))
 
+    def _apply_subject(self, ch: Change) -> None:
+        if ch.name is None:  # deleted since: nothing of it is needed any more
+            self._forget_subject(ch.subject_id)
+            return
+        self.names[ch.subject_id] = ch.name
+        if ch.op == "feedback":
+            if ch.feedback is not None and len(ch.feedback):
+                self.feedback[ch.subject_id] = ch.feedback
+            else:
+                self.feedback.pop(ch.subject_id, None)
+
+    def _forget_subject(self, subject_id: uuid.UUID) -> None:
+        self.names.pop(subject_id, None)
+        self.feedback.pop(subject_id, None)
+
     # ------------------------------------------------------------ searching
-    def search(self, collection_id: int, vectors: np.ndarray, k: int) -> list[list[Hit]]:
-        """Top-k subjects per vector; thread-safe against concurrent apply()."""
+    def search(self, collection_id: int, vectors: np.ndarray, k: int,
+               feedback_similarity: float | None = None) -> list[list[Hit]]:
+        """Top-k subjects per vector, with their names; with feedback_similarity,
+        a subject is marked demoted when the vector is at least that similar
+        to a probe reported "not this person" for it. Thread-safe against
+        concurrent apply()."""
         index = self.indexes.get(collection_id)
         if index is None or len(index) == 0 or len(vectors) == 0:
             return [[] for _ in range(len(vectors))]
         # Ask for more faces than subjects: one subject may own many faces.
         k_faces = min(len(index), max(8 * k, 64))
         scores, ids = index.search(vectors, k_faces)
-        return [self._best_per_subject(s, i, k) for s, i in zip(scores, ids)]
+        return [self._best_per_subject(s, i, k, v, feedback_similarity) for s, i, v in zip(scores, ids, vectors)]
 
-    def _best_per_subject(self, scores: np.ndarray, ids: np.ndarray, k: int) -> list[Hit]:
+    def _demoted(self, subject: uuid.UUID, probe: np.ndarray, min_similarity: float | None) -> bool:
+        if min_similarity is None:
+            return False
+        reported = self.feedback.get(subject)
+        if reported is None or not len(reported) or reported.shape[1] != probe.shape[0]:
+            return False
+        return float(np.max(reported @ probe)) >= min_similarity
+
+    def _best_per_subject(self, scores: np.ndarray, ids: np.ndarray, k: int, probe: np.ndarray,
+                          feedback_similarity: float | None) -> list[Hit]:
         seen: set[uuid.UUID] = set()
         out: list[Hit] = []
         for score, face_id in zip(scores, ids):
@@ -344,7 +395,9 @@ class GalleryIndex:
             if subject is None or subject in seen:
                 continue
             seen.add(subject)
-            out.append(Hit(subject_id=str(subject), face_id=int(face_id), similarity=float(score)))
+            out.append(Hit(subject_id=str(subject), face_id=int(face_id), similarity=float(score),
+                           name=self.names.get(subject),
+                           demoted=self._demoted(subject, probe, feedback_similarity)))
             if len(out) == k:
                 break
         return out
@@ -434,6 +487,8 @@ class GalleryIndex:
         return {
             "seq": self.seq,
             "faces": {cid: len(ix) for cid, ix in self.indexes.items()},
+            "subjects_named": len(self.names),
+            "subjects_with_feedback": len(self.feedback),
             "index": {
                 cid: {"kind": ix.kind, "nprobe": ix.nprobe, "bytes": ix.nbytes()}
                 for cid, ix in self.indexes.items()

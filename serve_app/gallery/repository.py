@@ -109,12 +109,20 @@ class FaceRecord:
 
 @dataclass
 class Change:
+    """A change-log entry as a matcher reads it: op is add | remove (a face),
+    rename (face_id 0) or feedback (face_id = the feedback row). Read with the
+    current state of what it names: an add's embedding (None once the face is
+    gone), the subject's name (None once the subject is gone) and, for
+    feedback, every "not this person" probe the subject now has."""
+
     seq: int
     collection_id: int
     op: str
     face_id: int
     subject_id: uuid.UUID
     embedding: np.ndarray | None = field(default=None, repr=False)
+    name: str | None = None
+    feedback: np.ndarray | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -330,19 +338,24 @@ class GalleryRepository:
 
     async def rename_subject(
         self, collection: Collection, subject_id: uuid.UUID, name: str
-    ) -> Subject:
+    ) -> tuple[Subject, int]:
+        """The renamed subject and the seq of its `rename` log entry: matchers
+        carry names, so a rename goes through the log like a face."""
         name = _clean_name(name)
-        async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
+        async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn, conn.transaction():
+            await _lock_subject_for_change(conn, collection, subject_id)
             try:
-                status = await conn.execute(
-                    "UPDATE subjects SET name = $1, updated_at = now() WHERE id = $2 AND collection_id = $3",
-                    name, subject_id, collection.id,
-                )
+                await conn.execute(
+                    "UPDATE subjects SET name = $1, updated_at = now() WHERE id = $2", name, subject_id)
             except asyncpg.UniqueViolationError:
                 raise Conflict(f"a subject named {name!r} already exists", name=name) from None
-        if status.endswith(" 0"):
-            raise SubjectNotFound(f"no subject with id {subject_id}", subject_id=str(subject_id))
-        return await self.get_subject(collection, subject_id)
+            seq = await conn.fetchval(
+                "INSERT INTO changes (collection_id, op, face_id, subject_id) "
+                "VALUES ($1, 'rename', 0, $2) RETURNING seq",
+                collection.id, subject_id,
+            )
+            await _notify_change(conn, seq)
+        return await self.get_subject(collection, subject_id), seq
 
     async def delete_subject(self, collection: Collection, subject_id: uuid.UUID) -> RemovedFaces:
         async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn, conn.transaction():
@@ -556,26 +569,6 @@ class GalleryRepository:
         await _notify_change(conn, seq)
         return seq
 
-    async def names_and_feedback(
-        self, collection: Collection, subject_ids: list[uuid.UUID]
-    ) -> tuple[dict[uuid.UUID, str], dict[uuid.UUID, np.ndarray]]:
-        """What identify needs from Postgres, in one round trip: the candidates'
-        names and their "not this person" probes."""
-        if not subject_ids:
-            return {}, {}
-        async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
-            rows = await conn.fetch(
-                """SELECT s.id, s.name, f.embedding FROM subjects s
-                   LEFT JOIN feedback f ON f.subject_id = s.id AND f.collection_id = $2
-                   WHERE s.id = ANY($1::uuid[])""", subject_ids, collection.id)
-        names: dict[uuid.UUID, str] = {}
-        probes: dict[uuid.UUID, list[np.ndarray]] = {}
-        for r in rows:
-            names[r["id"]] = r["name"]
-            if r["embedding"] is not None:
-                probes.setdefault(r["id"], []).append(bytes_to_vec(r["embedding"]))
-        return names, {k: np.stack(v) for k, v in probes.items()}
-
     # --- change log (matcher side) -----------------------------------------
     async def load_all(self) -> tuple[int, list[Change]]:
         """Every face now in the gallery plus the log position it reflects.
@@ -607,6 +600,19 @@ class GalleryRepository:
             for r in rows
         ]
 
+    async def subject_state(self) -> tuple[dict[uuid.UUID, str], dict[uuid.UUID, np.ndarray]]:
+        """Every subject's name and "not this person" probes, in one snapshot:
+        what a matcher answers identify with besides its index. Read after
+        the log position a load replays from, so the replay brings it up to
+        date."""
+        async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            names = await conn.fetch("SELECT id, name FROM subjects")
+            probes = await conn.fetch("SELECT subject_id, embedding FROM feedback ORDER BY id")
+        by_subject: dict[uuid.UUID, list[np.ndarray]] = {}
+        for r in probes:
+            by_subject.setdefault(r["subject_id"], []).append(bytes_to_vec(r["embedding"]))
+        return {r["id"]: r["name"] for r in names}, {k: np.stack(v) for k, v in by_subject.items()}
+
     async def log_entries(self, seqs: list[int]) -> dict[int, tuple[int, str, int, str]]:
         """{seq: (collection_id, op, face_id, subject_id)} for the given seqs that
         exist; index snapshots carry the entry at their seq to prove they
@@ -631,8 +637,13 @@ class GalleryRepository:
         """
         async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
             rows = await conn.fetch(
-                """SELECT c.seq, c.collection_id, c.op, c.face_id, c.subject_id, f.embedding
-                   FROM changes c LEFT JOIN faces f ON f.id = c.face_id AND c.op = 'add'
+                """SELECT c.seq, c.collection_id, c.op, c.face_id, c.subject_id, f.embedding, s.name,
+                          CASE WHEN c.op = 'feedback' THEN coalesce(
+                              (SELECT array_agg(fb.embedding ORDER BY fb.id) FROM feedback fb
+                               WHERE fb.subject_id = c.subject_id), '{}'::bytea[]) END AS feedback
+                   FROM changes c
+                   LEFT JOIN faces f ON f.id = c.face_id AND c.op = 'add'
+                   LEFT JOIN subjects s ON s.id = c.subject_id
                    WHERE c.seq > $1 ORDER BY c.seq LIMIT $2""",
                 seq, limit,
             )
@@ -640,6 +651,8 @@ class GalleryRepository:
             Change(
                 r["seq"], r["collection_id"], r["op"], r["face_id"], r["subject_id"],
                 bytes_to_vec(r["embedding"]) if r["embedding"] is not None else None,
+                r["name"],
+                _probes(r["feedback"]) if r["feedback"] is not None else None,
             )
             for r in rows
         ]
@@ -647,16 +660,17 @@ class GalleryRepository:
     # --- "not this person" feedback -------------------------------------------
     async def add_feedback(self, collection: Collection, subject_id: uuid.UUID, embedding: np.ndarray, *,
                            model: str, source: str, actor: str, note: str = "") -> dict[str, Any]:
-        async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
+        """The stored report, with the seq of its `feedback` log entry (matchers
+        carry every subject's probes and demote from them)."""
+        async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn, conn.transaction():
+            await _lock_subject_for_change(conn, collection, subject_id)
             row = await conn.fetchrow(
                 """INSERT INTO feedback (collection_id, subject_id, embedding, model, source, actor, note)
-                   SELECT $1, s.id, $3, $4, $5, $6, $7 FROM subjects s
-                   WHERE s.id = $2 AND s.collection_id = $1
+                   VALUES ($1, $2, $3, $4, $5, $6, $7)
                    RETURNING id, subject_id, source, actor, note, created_at""",
                 collection.id, subject_id, _vec_to_bytes(embedding), model, source, actor, note)
-        if row is None:
-            raise SubjectNotFound(f"no subject with id {subject_id}", subject_id=str(subject_id))
-        return _feedback_dict(row)
+            seq = await _log_feedback(conn, collection.id, subject_id, row["id"])
+        return {**_feedback_dict(row), "seq": seq}
 
     async def list_feedback(self, collection: Collection, subject_id: uuid.UUID | None = None,
                             limit: int = 100) -> list[dict[str, Any]]:
@@ -667,16 +681,35 @@ class GalleryRepository:
                    ORDER BY id DESC LIMIT $3""", collection.id, subject_id, limit)
         return [_feedback_dict(r) for r in rows]
 
-    async def delete_feedback(self, collection: Collection, feedback_id: int) -> None:
-        async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
-            done = await conn.execute("DELETE FROM feedback WHERE id = $1 AND collection_id = $2",
-                                      feedback_id, collection.id)
-        if done.endswith(" 0"):
-            raise NotFoundError(f"no feedback {feedback_id}", feedback_id=feedback_id)
+    async def delete_feedback(self, collection: Collection, feedback_id: int) -> int:
+        """Removes one report; returns the seq of its `feedback` log entry."""
+        async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn, conn.transaction():
+            await _lock_changelog(conn)
+            subject_id = await conn.fetchval(
+                "DELETE FROM feedback WHERE id = $1 AND collection_id = $2 RETURNING subject_id",
+                feedback_id, collection.id)
+            if subject_id is None:
+                raise NotFoundError(f"no feedback {feedback_id}", feedback_id=feedback_id)
+            return await _log_feedback(conn, collection.id, subject_id, feedback_id)
 
     async def latest_seq(self) -> int:
         async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
             return await conn.fetchval("SELECT coalesce(max(seq), 0) FROM changes")
+
+
+async def _log_feedback(conn: asyncpg.Connection, collection_id: int, subject_id: uuid.UUID,
+                        feedback_id: int) -> int:
+    """A `feedback` log entry (the caller holds the change-log lock)."""
+    seq = await conn.fetchval(
+        "INSERT INTO changes (collection_id, op, face_id, subject_id) VALUES ($1, 'feedback', $2, $3) "
+        "RETURNING seq", collection_id, feedback_id, subject_id)
+    await _notify_change(conn, seq)
+    return seq
+
+
+def _probes(blobs: list[bytes]) -> np.ndarray:
+    """A subject's "not this person" probes as rows (none: shape (0, 0))."""
+    return np.stack([bytes_to_vec(b) for b in blobs]) if blobs else np.zeros((0, 0), np.float32)
 
 
 def _feedback_dict(row: asyncpg.Record) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
@@ -41,14 +42,18 @@ class FeedbackRepo(Protocol):
                            model: str, source: str, actor: str, note: str = "") -> dict[str, Any]: ...
     async def list_feedback(self, collection: Collection, subject_id: uuid.UUID | None = None,
                             limit: int = 100) -> list[dict[str, Any]]: ...
-    async def delete_feedback(self, collection: Collection, feedback_id: int) -> None: ...
+    async def delete_feedback(self, collection: Collection, feedback_id: int) -> int: ...
 
 
 class FeedbackService:
-    def __init__(self, pipeline: PipelinePort, repo: FeedbackRepo, probes: ProbeCache) -> None:
+    def __init__(self, pipeline: PipelinePort, repo: FeedbackRepo, probes: ProbeCache,
+                 saw: Callable[[int], None] | None = None) -> None:
         self.pipeline = pipeline
         self.repo = repo
         self.probes = probes
+        # Reports reach identify through the matchers' change log; telling the
+        # gallery service the seq makes this replica's next identify wait for it.
+        self.saw = saw or (lambda seq: None)
 
     async def report(self, collection: Collection, subject_id: uuid.UUID, *, actor: str, note: str = "",
                      image: bytes | None = None, trace_id: str | None = None, face: int = 0) -> dict[str, Any]:
@@ -65,11 +70,13 @@ class FeedbackService:
             (vector, model), source = found, f"trace:{trace_id}#{face}"
         else:
             raise InvalidRequest("send the probe image, or the trace_id (and face) of the identify answer")
-        return await self.repo.add_feedback(collection, subject_id, vector, model=model, source=source,
+        made = await self.repo.add_feedback(collection, subject_id, vector, model=model, source=source,
                                             actor=actor, note=note)
+        self.saw(int(made["seq"]))
+        return made
 
     async def list(self, collection: Collection, subject_id: uuid.UUID | None) -> list[dict[str, Any]]:
         return await self.repo.list_feedback(collection, subject_id)
 
     async def delete(self, collection: Collection, feedback_id: int) -> None:
-        await self.repo.delete_feedback(collection, feedback_id)
+        self.saw(await self.repo.delete_feedback(collection, feedback_id))

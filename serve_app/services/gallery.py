@@ -38,7 +38,7 @@ class GalleryRepo(Protocol):
     async def find_subject_by_name(self, collection: Collection, name: str) -> Subject | None: ...
     async def list_subjects(self, collection: Collection, *, limit: int, after: tuple[datetime, uuid.UUID] | None) -> list[Subject]: ...
     async def count_subjects(self, collection: Collection) -> int: ...
-    async def rename_subject(self, collection: Collection, subject_id: uuid.UUID, name: Any) -> Subject: ...
+    async def rename_subject(self, collection: Collection, subject_id: uuid.UUID, name: Any) -> tuple[Subject, int]: ...
     async def delete_subject(self, collection: Collection, subject_id: uuid.UUID) -> RemovedFaces: ...
     async def add_face(self, collection: Collection, subject_id: uuid.UUID, *, embedding: np.ndarray, model: str,
                        image_sha256: str, crop_key: str, box: dict[str, float], det_score: float) -> tuple[FaceRecord, int]: ...
@@ -86,6 +86,10 @@ class GalleryService:
         self.default_collection = default_collection
         self._collections: dict[tuple[str, str], Collection] = {}
         self.last_seq = 0  # this replica's newest write: its own reads wait for it
+
+    def saw(self, seq: int) -> None:
+        """A write made through this replica elsewhere (feedback): its reads wait for it."""
+        self._saw(seq)
 
     def _saw(self, seq: int) -> None:
         self.last_seq = max(self.last_seq, seq)
@@ -146,7 +150,9 @@ class GalleryService:
         return await self.repo.get_subject(collection, sid)
 
     async def rename_subject(self, collection: Collection, sid: uuid.UUID, name: str) -> Subject:
-        return await self.repo.rename_subject(collection, sid, name)
+        subject, seq = await self.repo.rename_subject(collection, sid, name)
+        self._saw(seq)  # identify answers names from the matcher, which follows the log
+        return subject
 
     async def delete_subject(self, collection: Collection, sid: uuid.UUID) -> SubjectRemoval:
         removed = await self.repo.delete_subject(collection, sid)

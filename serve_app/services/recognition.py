@@ -35,8 +35,6 @@ class RecognitionRepo(Protocol):
     async def subject_embeddings(self, collection: Collection, subject_id: uuid.UUID) -> tuple[list[str], np.ndarray]: ...
     async def get_subject(self, collection: Collection, subject_id: uuid.UUID) -> Subject: ...
     async def latest_seq(self) -> int: ...
-    async def names_and_feedback(self, collection: Collection, subject_ids: list[uuid.UUID]
-                                 ) -> tuple[dict[uuid.UUID, str], dict[uuid.UUID, np.ndarray]]: ...
 
 
 class Outcomes(Protocol):
@@ -103,33 +101,19 @@ def single_face(analysis: Analysis, what: str, *, largest: bool) -> int:
     return 0
 
 
-def decide_identity(hits: list[Hit], names: dict[uuid.UUID, str], policy: DecisionPolicy,
-                    demoted: frozenset[str] = frozenset()) -> tuple[str, Candidate | None, list[Candidate]]:
-    """(match | maybe | unknown, the matched candidate or None, every live candidate).
+def decide_identity(hits: list[Hit], policy: DecisionPolicy) -> tuple[str, Candidate | None, list[Candidate]]:
+    """(match | maybe | unknown, the matched candidate or None, every candidate).
 
-    Candidates of deleted subjects are dropped; demoted ones stay listed but
-    never decide."""
+    Names and "not this person" demotions come with the hits (the matcher
+    carries them); demoted candidates stay listed but never decide."""
     candidates = [
-        Candidate(h.subject_id, names.get(uuid.UUID(h.subject_id)), float(h.similarity),
-                  policy.fmr_at(float(h.similarity)), h.subject_id in demoted)
+        Candidate(h.subject_id, h.name, float(h.similarity), policy.fmr_at(float(h.similarity)), h.demoted)
         for h in hits
-        if uuid.UUID(h.subject_id) in names  # deleted since the index was read
     ]
     top = next((c for c in candidates if not c.demoted), None)
     verdict = policy.decide(top.similarity) if top is not None else "no_match"
     decision = {"match": "match", "maybe": "maybe", "no_match": "unknown"}[verdict]
     return decision, (top if decision == "match" else None), candidates
-
-
-def _demoted(probe: np.ndarray, hits: list[Hit], feedback: dict[uuid.UUID, np.ndarray],
-             min_similarity: float) -> frozenset[str]:
-    """Subjects this probe was reported not to be (a stored probe within the margin)."""
-    out = set()
-    for h in hits:
-        vecs = feedback.get(uuid.UUID(h.subject_id))
-        if vecs is not None and len(vecs) and float(np.max(vecs @ probe)) >= min_similarity:
-            out.add(h.subject_id)
-    return frozenset(out)
 
 
 class RecognitionService:
@@ -208,9 +192,12 @@ class RecognitionService:
     async def identify(self, data: bytes, collection: Collection, timer: StageTimer, *, k: int,
                        min_seq: int, policy: LivenessPolicy, decide: DecisionPolicy,
                        known_seq: int = 0, feedback_similarity: float = 0.5) -> Identification:
+        """1:N search. Everything it answers (subjects, names, demotions) comes
+        from the matcher's state: no database read, so identify keeps
+        answering while Postgres is down."""
         await self._check_min_seq(min_seq, known_seq)
         spec = AnalyseSpec(embed=True, liveness=policy.checks,
-                           match=MatchSpec(collection.id, k, max(min_seq, known_seq)))
+                           match=MatchSpec(collection.id, k, min_seq, known_seq, feedback_similarity))
         try:
             analysis = await self.analyse(data, timer, spec, policy)
         except Exception as exc:
@@ -219,17 +206,14 @@ class RecognitionService:
         if not len(analysis.detection):
             raise NoFaceFound("no face found in the image")
         hits = analysis.matches.hits if analysis.matches else [[] for _ in range(len(analysis.detection))]
-        ids = list({uuid.UUID(h.subject_id) for per_face in hits for h in per_face})
-        names, feedback = await self.repo.names_and_feedback(collection, ids) if ids else ({}, {})
         vectors = analysis.embeddings.vectors if analysis.embeddings is not None else None
         faces = []
         for i in range(len(analysis.detection)):
-            demoted = (_demoted(vectors[i], hits[i], feedback, feedback_similarity)
-                       if feedback and vectors is not None else frozenset())
-            decision, best, candidates = decide_identity(hits[i], names, decide, demoted)
+            decision, best, candidates = decide_identity(hits[i], decide)
+            demoted = [c.subject_id for c in candidates if c.demoted]
             if demoted:
                 log.info("identify: demoted %s for face %d after 'not this person' feedback (collection %s)",
-                         sorted(demoted), i, collection.name)
+                         demoted, i, collection.name)
             self.outcomes.identification("match" if decision == "match" else "unknown")
             faces.append(IdentifiedFace(i, decision, best, candidates))
         if self.probes is not None and vectors is not None:

@@ -404,3 +404,53 @@ async def test_min_seq_is_reached_or_refused(repo: GalleryRepository) -> None:
     with pytest.raises(InvalidRequest, match="beyond"):
         await g.reach(latest + 1, timeout_s=10)  # a seq no write has reached
     assert g.seq == latest
+
+
+# ------------------------------------------------ what identify answers with
+async def test_names_and_feedback_follow_the_log(repo: GalleryRepository, store: SnapshotStore) -> None:
+    """The matcher answers identify's names and "not this person" demotions
+    from its own state: renames and feedback are change-log entries, and a
+    restart (snapshot + replay) or a plain load comes back to the same."""
+    rng = np.random.default_rng(11)
+    col = await repo.ensure_collection("c", "test", DIM)
+    (ada, ada_face), (bob, _) = await _enrol(repo, col, rng, subjects=2, faces=1)
+    g = GalleryIndex(repo, store, snapshot_every=1)
+    await g.load()
+    await g.write_snapshots()
+    (hit,), = [h[:1] for h in g.search(col.id, _probe_of(await repo.changes_since(0), ada_face), 1, 0.5)]
+    name0 = (await repo.get_subject(col, ada)).name
+    assert hit.subject_id == str(ada) and hit.name == name0 and not hit.demoted
+
+    before = await repo.latest_seq()
+    renamed, seq = await repo.rename_subject(col, ada, "Ada Lovelace")
+    assert renamed.name == "Ada Lovelace" and seq == before + 1
+    assert [c.op for c in await repo.changes_since(before)] == ["rename"]
+    vec = _probe_of(await repo.changes_since(0), ada_face)
+    made = await repo.add_feedback(col, ada, vec[0], model="test", source="image", actor="t")
+    assert made["seq"] == seq + 1
+    await g.sync()
+    (hit,), = [h[:1] for h in g.search(col.id, vec, 1, 0.5)]
+    assert hit.name == "Ada Lovelace" and hit.demoted
+    (hit,), = [h[:1] for h in g.search(col.id, vec, 1, None)]
+    assert not hit.demoted  # no margin asked: nothing is demoted
+
+    # A restart from the snapshot (taken before both) replays them.
+    again = GalleryIndex(repo, store)
+    report = await again.load()
+    assert report.from_snapshot == {col.id: g.snapshot_seq[col.id]}
+    assert again.names == g.names and again.feedback.keys() == g.feedback.keys()
+    assert again.search(col.id, vec, 2, 0.5) == g.search(col.id, vec, 2, 0.5)
+
+    # Feedback withdrawn, then the subject erased: nothing of it stays.
+    assert await repo.delete_feedback(col, made["id"]) > made["seq"]
+    await g.sync()
+    assert ada not in g.feedback and not g.search(col.id, vec, 1, 0.5)[0][0].demoted
+    await repo.add_feedback(col, ada, vec[0], model="test", source="image", actor="t")
+    await repo.delete_subject(col, ada)
+    await g.sync()
+    assert ada not in g.names and ada not in g.feedback and bob in g.names
+    assert str(ada) not in {h.subject_id for h in g.search(col.id, vec, 5, 0.5)[0]}
+
+
+def _probe_of(changes: list, face_id: int) -> np.ndarray:
+    return np.stack([next(c.embedding for c in changes if c.op == "add" and c.face_id == face_id)])

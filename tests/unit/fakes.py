@@ -63,7 +63,8 @@ class FakePipeline:
         live = LivenessResult(np.asarray(s.live, np.float32), self.live_threshold, {"liveness": 1.0}) if spec.liveness else None
         match = None
         if spec.match is not None and self.repo is not None and emb is not None:
-            match = MatchResult(self.repo.search(spec.match.collection_id, emb.vectors, spec.match.k),
+            match = MatchResult(self.repo.search(spec.match.collection_id, emb.vectors, spec.match.k,
+                                                 spec.match.feedback_similarity),
                                 self.repo.seq, {"search": 1.0})
         return Analysis(det, emb, live, match)
 
@@ -142,31 +143,23 @@ class FakeRepo:
     async def count_subjects(self, collection: Collection) -> int:
         return sum(1 for cid, _ in self.subjects.values() if cid == collection.id)
 
-    async def rename_subject(self, collection: Collection, subject_id: uuid.UUID, name: Any) -> Subject:
+    async def rename_subject(self, collection: Collection, subject_id: uuid.UUID, name: Any) -> tuple[Subject, int]:
         s = await self.get_subject(collection, subject_id)
         s.name = name
-        return s
+        self.seq += 1
+        return s, self.seq
 
     async def latest_seq(self) -> int:
         return self.seq
-
-    async def names_and_feedback(self, collection: Collection, subject_ids: list[uuid.UUID]) -> Any:
-        return await self._names(subject_ids), await self._feedback(collection, subject_ids)
-
-    async def _feedback(self, collection: Collection, subject_ids: list[uuid.UUID]) -> dict[uuid.UUID, np.ndarray]:
-        out: dict[uuid.UUID, list[np.ndarray]] = {}
-        for cid, sid, vec in self.feedback.values():
-            if cid == collection.id and sid in subject_ids:
-                out.setdefault(sid, []).append(vec)
-        return {k: np.stack(v) for k, v in out.items()}
 
     async def add_feedback(self, collection: Collection, subject_id: uuid.UUID, embedding: np.ndarray, *,
                            model: str, source: str, actor: str, note: str = "") -> dict[str, Any]:
         await self.get_subject(collection, subject_id)
         fid = len(self.feedback) + 1
         self.feedback[fid] = (collection.id, subject_id, np.asarray(embedding, np.float32))
+        self.seq += 1
         return {"id": fid, "subject_id": str(subject_id), "source": source, "actor": actor, "note": note,
-                "created_at": datetime.now(timezone.utc).isoformat()}
+                "created_at": datetime.now(timezone.utc).isoformat(), "seq": self.seq}
 
     async def list_feedback(self, collection: Collection, subject_id: uuid.UUID | None = None,
                             limit: int = 100) -> list[dict[str, Any]]:
@@ -175,16 +168,15 @@ class FakeRepo:
                 for fid, (cid, sid, _) in self.feedback.items()
                 if cid == collection.id and (subject_id is None or sid == subject_id)][:limit]
 
-    async def delete_feedback(self, collection: Collection, feedback_id: int) -> None:
+    async def delete_feedback(self, collection: Collection, feedback_id: int) -> int:
         from serve_app.errors import NotFound
 
         found = self.feedback.get(feedback_id)
         if found is None or found[0] != collection.id:
             raise NotFound(f"no feedback {feedback_id}")
         del self.feedback[feedback_id]
-
-    async def _names(self, subject_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
-        return {sid: self.subjects[sid][1].name for sid in subject_ids if sid in self.subjects}
+        self.seq += 1
+        return self.seq
 
     async def subject_embeddings(self, collection: Collection, subject_id: uuid.UUID) -> tuple[list[str], np.ndarray]:
         rows = [(f.model, v) for cid, f, v in self.faces.values() if cid == collection.id and f.subject_id == subject_id]
@@ -224,7 +216,10 @@ class FakeRepo:
         self.seq += 1
         return RemovedFaces(self.seq, gone, keys)
 
-    def search(self, collection_id: int, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+    def search(self, collection_id: int, vectors: np.ndarray, k: int,
+               feedback_similarity: float | None = None) -> list[list[Hit]]:
+        """The matcher's answer: best face per subject, named, demoted when the
+        probe is that close to one reported "not this person"."""
         out = []
         for v in vectors:
             best: dict[uuid.UUID, Hit] = {}
@@ -233,7 +228,11 @@ class FakeRepo:
                     continue
                 sim = float(e @ v)
                 if f.subject_id not in best or sim > best[f.subject_id].similarity:
-                    best[f.subject_id] = Hit(str(f.subject_id), fid, sim)
+                    reported = [p for c, sid, p in self.feedback.values() if sid == f.subject_id]
+                    demoted = feedback_similarity is not None and any(
+                        float(p @ v) >= feedback_similarity for p in reported)
+                    best[f.subject_id] = Hit(str(f.subject_id), fid, sim, self.subjects[f.subject_id][1].name,
+                                             demoted)
             out.append(sorted(best.values(), key=lambda h: -h.similarity)[:k])
         return out
 

@@ -117,14 +117,15 @@ async def test_identify_no_face_is_the_callers_error(world) -> None:
     assert outcomes.identifications == ["error"]  # only our own failure counts as an error
 
 
-def test_decide_identity_drops_deleted_subjects_and_applies_threshold() -> None:
-    gone, kept = uuid.uuid4(), uuid.uuid4()
-    hits = [Hit(str(gone), 1, 0.9), Hit(str(kept), 2, 0.6)]
-    decision, best, cands = decide_identity(hits, {kept: "kept"}, at(0.5))
-    assert decision == "match" and best is not None and best.subject_id == str(kept) and len(cands) == 1
-    decision, best, _ = decide_identity(hits, {kept: "kept"}, at(0.7, maybe=0.55))
+def test_decide_identity_skips_demoted_and_applies_threshold() -> None:
+    wrong, kept = uuid.uuid4(), uuid.uuid4()
+    hits = [Hit(str(wrong), 1, 0.9, "wrong", demoted=True), Hit(str(kept), 2, 0.6, "kept")]
+    decision, best, cands = decide_identity(hits, at(0.5))
+    assert decision == "match" and best is not None and best.subject_id == str(kept) and best.name == "kept"
+    assert [c.demoted for c in cands] == [True, False]  # listed, but never decides
+    decision, best, _ = decide_identity(hits, at(0.7, maybe=0.55))
     assert decision == "maybe" and best is None
-    decision, best, _ = decide_identity(hits, {kept: "kept"}, at(0.7, maybe=0.65))
+    decision, best, _ = decide_identity(hits, at(0.7, maybe=0.65))
     assert decision == "unknown" and best is None
 
 

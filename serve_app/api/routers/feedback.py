@@ -18,7 +18,7 @@ _BODY = openapi_body("ImageForm", "FeedbackIn", raw=True)
 
 
 @router.post("/subjects/{subject_id}/not-this-person", response_model=FeedbackOut, status_code=201,
-             openapi_extra=_BODY)
+             response_model_exclude_none=True, openapi_extra=_BODY)
 async def not_this_person(subject_id: str, request: Request, edge: EdgeDep, who: Enroller,
                           col: EnrolCollection) -> FeedbackOut:
     """The probe (an image, or the trace id + face of an identify answer) is not this subject:
@@ -39,7 +39,7 @@ async def not_this_person(subject_id: str, request: Request, edge: EdgeDep, who:
     return FeedbackOut(**out)
 
 
-@router.get("/feedback", response_model=FeedbackList)
+@router.get("/feedback", response_model=FeedbackList, response_model_exclude_none=True)
 async def list_feedback(edge: EdgeDep, col: ReadCollection,
                         subject_id: Annotated[str | None, Query(max_length=64)] = None) -> FeedbackList:
     sid = parse_subject_id(subject_id) if subject_id else None
