@@ -49,6 +49,11 @@ class IngressConfig(_Config):
     feedback_similarity: float = Field(0.5, ge=-1.0, le=1.0)
     # Retry-After sent with 503s caused by overload.
     retry_after_s: int = Field(1, ge=1, le=300)
+    # API keys, tenants and collections are re-read from Postgres every few
+    # seconds; while it is out of reach the last good answer is used for at
+    # most this long, so identify and verify go on through a database
+    # outage (services/last_good.py). 0: never answer from a stale lookup.
+    lookup_stale_s: float = Field(300.0, ge=0.0, le=3600.0)
 
 
 class DetectorConfig(_Config):

@@ -122,3 +122,39 @@ class ModelUnavailable(InternalFault):
 
 class IndexCorrupt(InternalFault):
     code = "index_corrupt"
+
+
+def dependency_outage(exc: BaseException) -> ServiceUnavailable | None:
+    """A dependency failure (Postgres, Redis, object storage, a timeout) as
+    the 503 it should be, or None when exc is something else."""
+    import asyncio
+
+    import asyncpg
+
+    try:
+        import redis.exceptions as redis_exc
+
+        redis_errors: tuple[type[BaseException], ...] = (redis_exc.ConnectionError, redis_exc.TimeoutError)
+    except ImportError:  # pragma: no cover - redis is a dependency
+        redis_errors = ()
+    if isinstance(exc, ServiceUnavailable):
+        return exc
+    # OperatorInterventionError: "terminating connection due to administrator
+    # command" (a fast shutdown or failover) and "the database system is
+    # shutting down / starting up".
+    if isinstance(exc, (asyncpg.exceptions.PostgresConnectionError, asyncpg.exceptions.InterfaceError,
+                        asyncpg.exceptions.OperatorInterventionError,
+                        asyncpg.exceptions.TooManyConnectionsError,
+                        asyncpg.exceptions.LockNotAvailableError, asyncpg.exceptions.QueryCanceledError,
+                        ConnectionError)):
+        return ServiceUnavailable("the database is unavailable; retry shortly", retry_after_s=2,
+                                  dependency="postgres")
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return ServiceUnavailable("a dependency did not answer in time; retry shortly", retry_after_s=2,
+                                  reason="timeout")
+    if redis_errors and isinstance(exc, redis_errors):
+        return ServiceUnavailable("the cache is unavailable; retry shortly", retry_after_s=2, dependency="redis")
+    if isinstance(exc, OSError):
+        return ServiceUnavailable("object storage is unavailable; retry shortly", retry_after_s=2,
+                                  dependency="object_store")
+    return None

@@ -8,7 +8,6 @@ to find it by, never a stack trace.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
@@ -72,30 +71,8 @@ def error_response(status: int, code: str, message: str, details: dict[str, Any]
 
 
 def outage(exc: BaseException) -> e.ServiceUnavailable | None:
-    """A dependency failure that should be a 503, or None."""
-    import asyncpg
-
-    try:
-        import redis.exceptions as redis_exc
-
-        redis_errors: tuple[type[BaseException], ...] = (redis_exc.ConnectionError, redis_exc.TimeoutError)
-    except ImportError:  # pragma: no cover - redis is a dependency
-        redis_errors = ()
-    if isinstance(exc, (asyncpg.exceptions.PostgresConnectionError, asyncpg.exceptions.InterfaceError,
-                        asyncpg.exceptions.CannotConnectNowError, asyncpg.exceptions.TooManyConnectionsError,
-                        asyncpg.exceptions.LockNotAvailableError, asyncpg.exceptions.QueryCanceledError,
-                        ConnectionError)):
-        return e.ServiceUnavailable("the database is unavailable; retry shortly", retry_after_s=2,
-                                    dependency="postgres")
-    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-        return e.ServiceUnavailable("a dependency did not answer in time; retry shortly", retry_after_s=2,
-                                    reason="timeout")
-    if redis_errors and isinstance(exc, redis_errors):
-        return e.ServiceUnavailable("the cache is unavailable; retry shortly", retry_after_s=2, dependency="redis")
-    if isinstance(exc, OSError):
-        return e.ServiceUnavailable("object storage is unavailable; retry shortly", retry_after_s=2,
-                                    dependency="object_store")
-    return None
+    """A dependency failure that should be a 503, or None (serve_app.errors)."""
+    return e.dependency_outage(exc)
 
 
 def _jsonable(v: object) -> bool:

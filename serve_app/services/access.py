@@ -7,18 +7,19 @@
 - With no bootstrap key and no active key at all, the service is open: every
   caller is an admin of the default tenant (the CLI then binds 127.0.0.1).
 Lookups are cached for a few seconds, so a revoked key stops working within
-``cache_ttl_s``.
+``cache_ttl_s``; while Postgres is out of reach the last good answer is used
+for up to ``stale_s`` (services/last_good.py).
 """
 from __future__ import annotations
 
 import hashlib
 import hmac
-import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from serve_app.errors import Forbidden, InvalidRequest, NotFound, Unauthorized
 from serve_app.gallery.access import SCOPES, ApiKey, Tenant, secret_matches, split_token
+from serve_app.services.last_good import LastGood
 
 POLICY_ORDER = ("off", "flag", "block")
 
@@ -56,13 +57,23 @@ def stronger_policy(requested: str, minimum: str) -> str:
 
 
 class Authenticator:
-    def __init__(self, repo: AccessRepo, bootstrap_key: bytes | None, *, cache_ttl_s: float = 5.0) -> None:
+    def __init__(self, repo: AccessRepo, bootstrap_key: bytes | None, *, cache_ttl_s: float = 5.0,
+                 stale_s: float = 300.0) -> None:
         self.repo = repo
         self.bootstrap = bootstrap_key
-        self.ttl = cache_ttl_s
-        self._keys: dict[str, tuple[float, ApiKey | None]] = {}
-        self._tenants: dict[str, tuple[float, Tenant | None]] = {}
-        self._open: tuple[float, bool] | None = None
+        # Keys, tenants and open mode are re-read every cache_ttl_s; while
+        # Postgres is out of reach the last good answer serves up to stale_s
+        # (services/last_good.py), so reads go on through a database outage.
+        self._keys: LastGood[str, ApiKey | None] = LastGood(ttl_s=cache_ttl_s, stale_s=stale_s)
+        self._tenants: LastGood[str, Tenant | None] = LastGood(ttl_s=cache_ttl_s, stale_s=stale_s)
+        self._open: LastGood[str, bool] = LastGood(ttl_s=cache_ttl_s, stale_s=stale_s)
+
+    def set_bounds(self, *, ttl_s: float | None = None, stale_s: float | None = None) -> None:
+        for cache in (self._keys, self._tenants, self._open):
+            if ttl_s is not None:
+                cache.ttl_s = ttl_s
+            if stale_s is not None:
+                cache.stale_s = stale_s
 
     async def authenticate(self, headers: Any, client_host: str) -> Principal:
         token = headers.get("x-api-key", "")
@@ -84,30 +95,19 @@ class Authenticator:
     async def is_open(self) -> bool:
         if self.bootstrap is not None:
             return False
-        now = time.monotonic()
-        if self._open is None or now - self._open[0] > self.ttl:
-            self._open = (now, not await self.repo.any_keys())
-        return self._open[1]
+        return await self._open.get("open", self._no_keys)
+
+    async def _no_keys(self) -> bool:
+        return not await self.repo.any_keys()
 
     async def tenant(self, name: str) -> Tenant:
-        now = time.monotonic()
-        hit = self._tenants.get(name)
-        if hit is None or now - hit[0] > self.ttl:
-            hit = (now, await self.repo.get_tenant(name))
-            self._tenants[name] = hit
-        if hit[1] is None:
+        found = await self._tenants.get(name, lambda: self.repo.get_tenant(name))
+        if found is None:
             raise NotFound(f"no tenant named {name!r}", tenant=name)
-        return hit[1]
+        return found
 
     async def _key(self, key_id: str) -> ApiKey | None:
-        now = time.monotonic()
-        hit = self._keys.get(key_id)
-        if hit is None or now - hit[0] > self.ttl:
-            hit = (now, await self.repo.get_key(key_id))
-            self._keys[key_id] = hit
-            if len(self._keys) > 10_000:  # unknown ids from scanners must not grow this forever
-                self._keys.clear()
-        return hit[1]
+        return await self._keys.get(key_id, lambda: self.repo.get_key(key_id))
 
     async def sigv4_credentials(self, access_key_id: str) -> tuple[str, Principal] | None:
         """The SigV4 secret and the caller for an AWS access key id (the Rekognition API).
@@ -129,8 +129,8 @@ class Authenticator:
 
     def forget(self, key_id: str) -> None:
         """Drop a cached key at once (after a revoke through this replica)."""
-        self._keys.pop(key_id, None)
-        self._open = None
+        self._keys.pop(key_id)
+        self._open.clear()
 
 
 def quota_subject(principal: Principal) -> str:

@@ -21,6 +21,7 @@ from serve_app.errors import CollectionNotFound, InvalidRequest, LowQuality, Mod
 from serve_app.errors import FaceNotFound, NotFound, ServiceUnavailable
 from serve_app.gallery.repository import Collection, FaceRecord, RemovedFaces, Subject
 from serve_app.pipeline_client import AnalyseSpec, Analysis
+from serve_app.services.last_good import LastGood
 from serve_app.services.liveness_policy import LivenessPolicy, enforce
 from serve_app.services.recognition import PipelinePort, single_face
 from serve_app.timing import StageTimer
@@ -77,15 +78,22 @@ class SubjectRemoval:
 
 class GalleryService:
     def __init__(self, pipeline: PipelinePort, repo: GalleryRepo, objects: ObjectPort, *,
-                 model: str, dim: int, default_collection: str) -> None:
+                 model: str, dim: int, default_collection: str,
+                 lookup_ttl_s: float = 10.0, lookup_stale_s: float = 300.0) -> None:
         self.pipeline = pipeline
         self.repo = repo
         self.objects = objects
         self.model = model
         self.dim = dim
         self.default_collection = default_collection
-        self._collections: dict[tuple[str, str], Collection] = {}
+        # (tenant, name) -> collection, re-read every lookup_ttl_s; the last
+        # good answer serves through a database outage for up to lookup_stale_s.
+        self._collections: LastGood[tuple[str, str], Collection] = LastGood(
+            ttl_s=lookup_ttl_s, stale_s=lookup_stale_s)
         self.last_seq = 0  # this replica's newest write: its own reads wait for it
+
+    def set_lookup_stale_s(self, stale_s: float) -> None:
+        self._collections.stale_s = stale_s
 
     def saw(self, seq: int) -> None:
         """A write made through this replica elsewhere (feedback): its reads wait for it."""
@@ -100,15 +108,16 @@ class GalleryService:
         Another tenant's collection of the same name is simply not found."""
         if name is None or name == "":
             name, create = self.default_collection, True
-        found = self._collections.get((tenant, name))
-        if found is None:
-            if create:
-                found = await self.repo.ensure_collection(name, self.model, self.dim, tenant)
-            else:
-                found = await self.repo.get_collection(name, tenant)
-                if found is None:
-                    raise CollectionNotFound(f"no collection named {name!r}", collection=name)
-            self._collections[(tenant, name)] = found
+
+        async def load() -> Collection:
+            row = await self.repo.get_collection(name, tenant)
+            if row is None and create:
+                row = await self.repo.ensure_collection(name, self.model, self.dim, tenant)
+            if row is None:  # not cached: a collection made through another replica shows at once
+                raise CollectionNotFound(f"no collection named {name!r}", collection=name)
+            return row
+
+        found = await self._collections.get((tenant, name), load)
         if found.embedder != self.model or found.dim != self.dim:
             raise ModelMismatch(
                 f"collection {name!r} holds {found.embedder} embeddings but the service runs {self.model}"
@@ -117,7 +126,7 @@ class GalleryService:
 
     async def create_collection(self, name: str, tenant: str = "default") -> Collection:
         col = await self.repo.create_collection(name, self.model, self.dim, tenant)
-        self._collections[(tenant, col.name)] = col
+        self._collections.put((tenant, col.name), col)
         return col
 
     async def list_collections(self, tenant: str = "default") -> list[Collection]:
@@ -125,7 +134,7 @@ class GalleryService:
 
     async def delete_collection(self, collection: Collection) -> SubjectRemoval:
         """Removes a collection, its subjects and faces (crops too). Other ingress
-        replicas may hold it in their cache until their next restart; their writes
+        replicas may hold it in their cache for up to lookup_ttl_s; their writes
         to it then fail on the missing row."""
         removed = await self.repo.delete_collection(collection)
         self._collections.pop((collection.tenant, collection.name), None)

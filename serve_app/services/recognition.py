@@ -15,7 +15,7 @@ import numpy as np
 
 import logging
 
-from serve_app.errors import InvalidRequest, ModelMismatch, MultipleFaces, NoFaceFound
+from serve_app.errors import InvalidRequest, ModelMismatch, MultipleFaces, NoFaceFound, dependency_outage
 from serve_app.services.decisions import DecisionPolicy
 from serve_app.gallery.repository import Collection, Subject
 from serve_app.messages import Hit
@@ -182,10 +182,20 @@ class RecognitionService:
         return result
 
     async def _check_min_seq(self, min_seq: int, known_seq: int) -> None:
-        """A min_seq no write has reached yet would wait for ever: refuse it.
-        Only asks Postgres when the caller's min_seq is ahead of what this
-        replica has seen itself (its own writes)."""
-        if min_seq > known_seq and min_seq > await self.repo.latest_seq():
+        """A min_seq no write has reached yet would wait for ever: refuse it
+        before any model work. Only asks Postgres when the caller's min_seq is
+        ahead of what this replica has seen itself (its own writes); with
+        Postgres out of reach the matcher decides (it answers if it holds
+        min_seq, else 503)."""
+        if min_seq <= known_seq:
+            return
+        try:
+            latest = await self.repo.latest_seq()
+        except Exception as exc:
+            if dependency_outage(exc) is None:
+                raise
+            return
+        if min_seq > latest:
             raise InvalidRequest(f"min_seq {min_seq} is beyond the latest change in the gallery",
                                  field="min_seq")
 

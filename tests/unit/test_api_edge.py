@@ -278,3 +278,45 @@ def test_finished_bulk_jobs_are_listed_per_tenant_and_collection(app_client) -> 
     assert got["summary"]["enrolled"] == 2 and got["images"][0]["reason"] == "no_face"
     _error(client.get("/v1/jobs/20261201T210000Z"), 404, "not_found")
     _error(client.get("/v1/jobs/..%2F..%2Fsecret"), 404, "not_found")
+
+
+def test_database_down_reads_answer_writes_and_listings_get_503(app_client) -> None:
+    """identify and verify of an image pair need no database (the matcher
+    carries names; keys, tenants and collections are served from their last
+    good lookup); writes and listings get 503 with Retry-After, never 500."""
+    import asyncio
+    import inspect
+
+    client, _, repo = app_client
+    access = client.access  # type: ignore[attr-defined]
+    _, token = asyncio.run(access.create_key("default", ["read", "enrol"]))
+    sid = client.post("/v1/subjects", json={"name": "ada"}).json()["id"]
+    assert client.post(f"/v1/subjects/{sid}/faces", files={"image": ("a.jpg", JPEG)}).status_code == 201
+    keyed = {"x-api-key": token}
+    assert client.post("/v1/identify", files={"image": ("a.jpg", JPEG)}, headers=keyed).status_code == 200
+
+    async def down(*_a, **_k):
+        raise ConnectionRefusedError(111, "postgres is down")
+
+    for obj in (repo, access):
+        for name, fn in inspect.getmembers(obj, inspect.iscoroutinefunction):
+            if not name.startswith("__"):
+                setattr(obj, name, down)
+    for headers in (keyed, {}):  # a tenant key (looked up, cached 0 s here) and the bootstrap key
+        r = client.post("/v1/identify", files={"image": ("a.jpg", JPEG)}, headers=headers)
+        assert r.status_code == 200, r.text
+        assert r.json()["faces"][0]["subject"]["name"] == "ada"
+        r = client.post("/v1/verify", files={"image1": ("a.jpg", JPEG), "image2": ("b.jpg", JPEG_B)}, headers=headers)
+        assert r.status_code == 200, r.text
+    for method, path, kw in (
+        ("post", f"/v1/subjects/{sid}/faces", {"files": {"image": ("a.jpg", JPEG)}}),
+        ("post", "/v1/subjects", {"json": {"name": "bob"}}),
+        ("patch", f"/v1/subjects/{sid}", {"json": {"name": "ada2"}}),
+        ("delete", f"/v1/subjects/{sid}", {}),
+        ("get", "/v1/subjects", {}),
+        ("get", "/v1/collections", {}),
+        ("get", f"/v1/subjects/{sid}/faces", {}),
+    ):
+        r = getattr(client, method)(path, headers=keyed, **kw)
+        _error(r, 503, "unavailable")
+        assert int(r.headers["retry-after"]) >= 1, (method, path)
