@@ -99,6 +99,8 @@ class Ingress:
         self._pipeline.retry_after_s = self._config.retry_after_s
         self._repo.acquire_timeout_s = self._config.db_acquire_timeout_s
         self._access.acquire_timeout_s = self._config.db_acquire_timeout_s
+        self._edge.auth.set_bounds(stale_s=self._config.lookup_stale_s)
+        self._edge.gallery.set_lookup_stale_s(self._config.lookup_stale_s)
 
     async def _ready(self) -> dict[str, bool]:
         checks = await self._pipeline.ready()
