@@ -75,6 +75,10 @@ class CollectionNotFound(NotFound):
     code = "collection_not_found"
 
 
+class ErasureNotFound(NotFound):
+    code = "erasure_not_found"
+
+
 class Conflict(CallerError):
     code = "conflict"
 

@@ -276,11 +276,56 @@ class SubjectList(BaseModel):
     total: int
 
 
+class ErasureCopyOut(BaseModel):
+    """One place the erased data lived."""
+
+    complete: bool
+    where: list[str] = Field(description="tables, object keys/prefixes, cache names")
+    items: int = Field(description="work items (keys, prefixes, batches) for this copy")
+    items_done: int
+    removed: int = Field(description="rows, objects or cache entries actually deleted")
+    attempts: int = Field(description="most attempts any item of this copy took so far")
+    last_error: str | None = Field(None, description="why the latest failed attempt failed (while pending)")
+    notes: list[str] = []
+    done_at: str | None = None
+
+
+class ErasureReceipt(BaseModel):
+    """What a delete removed and from where, and when every copy was gone."""
+
+    id: str
+    kind: Literal["face", "subject", "collection"]
+    target: str = Field(description="face id, subject id or collection name")
+    collection: str
+    seq: int = Field(description="change-log seq of the delete (matchers drop the vectors once they reach it)")
+    requested_by: str
+    requested_at: str
+    removed: dict[str, Any] = Field(description="Postgres rows removed, by table (and the face ids)")
+    copies: dict[Literal["postgres", "crops", "snapshots", "cache"], ErasureCopyOut]
+    complete: bool
+    completed_at: str | None = None
+
+    @classmethod
+    def of(cls, r: Any) -> "ErasureReceipt":
+        """From a serve_app.gallery.erasures.Receipt."""
+        iso = lambda t: t.isoformat() if t is not None else None  # noqa: E731
+        return cls(id=str(r.id), kind=r.kind, target=r.target, collection=r.collection, seq=r.seq,
+                   requested_by=r.requested_by, requested_at=iso(r.requested_at), removed=r.removed,
+                   copies={c.copy: ErasureCopyOut(complete=c.complete, where=c.where, items=c.items,
+                                                  items_done=c.items_done, removed=c.removed, attempts=c.attempts,
+                                                  last_error=c.last_error, notes=c.notes, done_at=iso(c.done_at))
+                           for c in r.copies},
+                   complete=r.complete, completed_at=iso(r.completed_at))
+
+
 class SubjectDeleted(BaseModel):
     deleted: str
     faces_removed: int
     seq: int
-    crops_pending_cleanup: int
+    crops_pending_cleanup: int = Field(description="crop items the erasure has not confirmed gone yet")
+    feedback_removed: int = 0
+    erasure: ErasureReceipt | None = Field(
+        None, description="the receipt; GET /v1/erasures/{id} follows it until complete")
 
 
 class FaceRecordOut(BaseModel):
@@ -308,6 +353,7 @@ class FaceList(BaseModel):
 class FaceDeleted(BaseModel):
     deleted: int
     seq: int
+    erasure: ErasureReceipt | None = None
 
 
 class Health(BaseModel):

@@ -19,12 +19,14 @@ from serve_app.api.app import create_app
 from serve_app.api.deps import Edge
 from serve_app.deployment_config import IngressConfig
 from serve_app.gallery.access import AccessRepository
+from serve_app.gallery.erasures import ErasureRepository
 from serve_app.gallery.objects import ObjectStore
 from serve_app.gallery.repository import GalleryRepository, create_pool
 from serve_app.metrics import ServiceMetrics
 from serve_app.pipeline_client import PipelineClient
 from serve_app.quota import RequestQuota
 from serve_app.services.access import Authenticator
+from serve_app.services.erasure import ErasureService
 from serve_app.services.feedback import FeedbackService, ProbeCache
 from serve_app.services.gallery import GalleryService
 from serve_app.services.recognition import RecognitionService
@@ -73,6 +75,9 @@ class Ingress:
                                  model=info["model"], dim=int(info["dim"]),
                                  default_collection=settings.default_collection)
         await gallery.collection(settings.default_collection, create=True)
+        # Erasures: the outbox sweeper runs here (why: serve_app/services/erasure.py).
+        self._erasure_repo = ErasureRepository(self._repo.pool)
+        gallery.erasures = ErasureService(self._erasure_repo, gallery.objects)
         self._access = AccessRepository(self._repo.pool)
         bootstrap = settings.api_key.get_secret_value().encode() if settings.api_key else None
         probes = ProbeCache()
@@ -89,6 +94,9 @@ class Ingress:
             observe_stages=self._metrics.observe_stages,
         )
         self._gauges = asyncio.get_running_loop().create_task(self._update_gauges())
+        # Redis keys tied to a subject (embedding cache, idempotency records) go with its erasure.
+        gallery.erasures.cache = getattr(self._edge, "subject_keys", None)
+        self._sweeper = asyncio.get_running_loop().create_task(gallery.erasures.run())
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_app(self._edge, self._metrics)
@@ -99,6 +107,7 @@ class Ingress:
         self._pipeline.retry_after_s = self._config.retry_after_s
         self._repo.acquire_timeout_s = self._config.db_acquire_timeout_s
         self._access.acquire_timeout_s = self._config.db_acquire_timeout_s
+        self._erasure_repo.acquire_timeout_s = self._config.db_acquire_timeout_s
         self._edge.auth.set_bounds(stale_s=self._config.lookup_stale_s)
         self._edge.gallery.set_lookup_stale_s(self._config.lookup_stale_s)
 

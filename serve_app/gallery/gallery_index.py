@@ -98,6 +98,9 @@ class GalleryIndex:
         self.seq = 0
         # Changes applied per collection that no snapshot covers yet.
         self.pending: dict[int, int] = {}
+        # Seq of the newest face removal applied per collection: a snapshot
+        # older than it still holds erased vectors, so one is written promptly.
+        self.erased: dict[int, int] = {}
         self.snapshot_seq: dict[int, int] = {}
         # Serialises log replay and snapshot capture: a snapshot's index and
         # map must both be exactly at self.seq. Searches never take it.
@@ -332,6 +335,7 @@ class GalleryIndex:
                     del adds[cid][ch.face_id]
                 removes.setdefault(cid, []).append(ch.face_id)
                 self.subject_of.pop(ch.face_id, None)
+                self.erased[cid] = max(self.erased.get(cid, 0), ch.seq)
                 if ch.name is None:  # the subject itself is gone
                     self._forget_subject(ch.subject_id)
         for cid, ids in removes.items():
@@ -404,9 +408,16 @@ class GalleryIndex:
 
     # ------------------------------------------------------------ snapshots
     def snapshot_due(self) -> list[int]:
+        """Collections with snapshot_every changes in no snapshot yet, and
+        collections with a snapshot older than a removal applied since: those
+        are rewritten at once, so an erased vector does not wait in a
+        snapshot for snapshot_every more changes (the erasure sweeper deletes
+        the old snapshot objects; this keeps restarts fast)."""
         if self.snapshots is None or self.snapshot_every <= 0 or time.monotonic() < self._retry_at:
             return []
-        return [c for c, n in self.pending.items() if n >= self.snapshot_every and c in self.indexes]
+        due = [c for c, n in self.pending.items() if n >= self.snapshot_every and c in self.indexes]
+        return due + [c for c, s in self.erased.items()
+                      if c in self.indexes and c not in due and s > self.snapshot_seq.get(c, s)]
 
     async def write_snapshots(self) -> list[str]:
         """Snapshot every due collection; a failure is logged and retried
@@ -425,12 +436,20 @@ class GalleryIndex:
 
     async def _write_one(self, cid: int) -> str | None:
         assert self.snapshots is not None
+        live, floor = await self.repo.snapshot_floor(cid)
+        if not live:  # deleted: its erasure removes its snapshots, none is written again
+            self.pending.pop(cid, None)
+            self.erased.pop(cid, None)
+            self.snapshot_seq.pop(cid, None)
+            return None
         newest = await asyncio.to_thread(self.snapshots.list_seqs, cid)
         async with self.lock:
             seq = self.seq
             if newest and newest[0] >= seq:  # another replica already covers all we applied
                 self.pending[cid] = 0
                 self.snapshot_seq[cid] = newest[0]
+                return None
+            if seq < floor:  # an erasure this replica has not applied yet: no snapshot may predate it
                 return None
             anchor = (await self.repo.log_entries([seq])).get(seq) if seq else None
             if seq and anchor is None:
@@ -439,7 +458,12 @@ class GalleryIndex:
             # Under the lock (no apply can interleave) but off the event loop;
             # searches only need the index's read lock, which this shares.
             blob = await asyncio.to_thread(encode, cid, seq, anchor, self.indexes[cid].current, self.subject_of)
-        key = await asyncio.to_thread(self.snapshots.write_blob, cid, seq, blob)
+        key = await asyncio.to_thread(self.snapshots.write_blob, cid, seq, blob, floor)
+        # An erasure committed while this one was written makes it stale at
+        # once: prune below the erasure again (this snapshot included).
+        _, floor_now = await self.repo.snapshot_floor(cid)
+        if floor_now > floor:
+            await asyncio.to_thread(self.snapshots.prune, cid, floor_now)
         self.pending[cid] = self.pending.get(cid, 0) - counted
         self.snapshot_seq[cid] = seq
         log.info("wrote index snapshot %s (%d bytes)", key, len(blob))

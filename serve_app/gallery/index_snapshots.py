@@ -172,10 +172,10 @@ class SnapshotStore:
         blob = encode(snap.collection_id, snap.seq, snap.anchor, snap.index, snap.subject_of, self.signing_key)
         return self.write_blob(snap.collection_id, snap.seq, blob)
 
-    def write_blob(self, collection_id: int, seq: int, blob: bytes) -> str:
+    def write_blob(self, collection_id: int, seq: int, blob: bytes, floor: int = 0) -> str:
         key = self.key(collection_id, seq)
         self.objects.put_atomic(key, blob)
-        self.prune(collection_id)
+        self.prune(collection_id, floor)
         return key
 
     def read(self, collection_id: int, seq: int) -> CollectionSnapshot:
@@ -203,13 +203,15 @@ class SnapshotStore:
             log.warning("skipping index snapshot %s: %s", self.key(collection_id, seq), reason)
         return None
 
-    def prune(self, collection_id: int) -> list[str]:
-        """Delete all but the newest `keep` snapshots, and temp files older than those."""
+    def prune(self, collection_id: int, floor: int = 0) -> list[str]:
+        """Delete all but the newest `keep` snapshots, and temp files older than those;
+        and every snapshot below `floor` (the newest erasure in the collection: an
+        older snapshot still holds erased vectors), even when fewer remain."""
         keys = self.objects.list_keys(f"{self.prefix}/{collection_id}")
         seqs = sorted((int(m.group(1)) for k in keys if (m := _NAME.match(k.rsplit("/", 1)[-1]))), reverse=True)
-        if len(seqs) <= self.keep:
+        oldest_kept = max(seqs[self.keep - 1] if len(seqs) > self.keep else 0, floor)
+        if oldest_kept <= 0:
             return []
-        oldest_kept = seqs[self.keep - 1]
         doomed = []
         for k in keys:
             name = k.rsplit("/", 1)[-1]
@@ -222,3 +224,10 @@ class SnapshotStore:
             except OSError as exc:  # another replica pruned it first, or a blip: harmless
                 log.warning("could not delete old index snapshot %s: %s", k, exc)
         return doomed
+
+
+def snapshot_seq_of(key: str) -> int | None:
+    """The seq in a snapshot object's name, temporary files included; None
+    for anything else."""
+    m = _NAME.match(key.rsplit("/", 1)[-1]) or _TMP.match(key.rsplit("/", 1)[-1])
+    return int(m.group(1)) if m else None

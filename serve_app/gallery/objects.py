@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import posixpath
 import uuid
 
@@ -60,15 +61,57 @@ class ObjectStore:
     def exists(self, key: str) -> bool:
         return self.fs.exists(self._path(key))
 
-    def delete(self, key: str) -> None:
+    def present(self, key: str) -> bool:
+        """Whether the object is there, asked of the store itself (no listing
+        cache); raises when the store cannot say. Erasure trusts only this:
+        fsspec's exists() answers False for a local path whose parent is not
+        a directory, and s3fs's may answer from a stale listing."""
         path = self._path(key)
-        if self.fs.exists(path):
-            self.fs.rm_file(path)
+        if _is_local(self.fs):
+            try:
+                os.stat(path)
+            except FileNotFoundError:
+                return False
+            return True
+        self.fs.invalidate_cache(posixpath.dirname(path))
+        try:
+            self.fs.info(path)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def delete(self, key: str) -> None:
+        """Remove one object; one that is not there counts as removed, any
+        other failure raises (a broken store is not an absent object)."""
+        try:
+            self.fs.rm_file(self._path(key))
+        except FileNotFoundError:
+            pass
+
+    def delete_keys(self, keys: list[str]) -> None:
+        """Remove many objects (S3: batched DeleteObjects requests)."""
+        if not keys:
+            return
+        if _is_local(self.fs):
+            for key in keys:
+                self.delete(key)
+            return
+        paths = [self._path(k) for k in keys]
+        self.fs.rm(paths)
+        self.fs.invalidate_cache(posixpath.commonpath(paths))
 
     def list_keys(self, prefix: str) -> list[str]:
+        """Every key under prefix (a directory-like prefix: "crops/1" does not
+        list "crops/10/..."). An absent prefix is []; a store that cannot be
+        listed raises rather than looking empty."""
         base = self._path(prefix.rstrip("/"))
-        if not self.fs.exists(base):
-            return []
+        if _is_local(self.fs):
+            try:
+                os.stat(base)
+            except FileNotFoundError:
+                return []
+        else:
+            self.fs.invalidate_cache(base)
         return sorted(posixpath.relpath(p, self.root) for p in self.fs.find(base))
 
     async def aput(self, key: str, data: bytes) -> None:

@@ -15,9 +15,11 @@ from typing import Any
 import asyncpg
 import numpy as np
 
-from serve_app.errors import CollectionNotFound, Conflict, FaceNotFound, InvalidRequest, SubjectNotFound
+from serve_app.errors import CollectionNotFound, Conflict, FaceNotFound, InvalidRequest, ServiceUnavailable
+from serve_app.errors import SubjectNotFound
 from serve_app.errors import NotFound as NotFoundError
 
+from . import erasures
 from .migrations import migrate
 
 # Held by every transaction that appends to `changes`, taken before the seq is
@@ -127,11 +129,16 @@ class Change:
 
 @dataclass
 class RemovedFaces:
-    """What a delete took out of Postgres; the caller cleans object storage."""
+    """What a delete took out of Postgres. The copies elsewhere (crops,
+    snapshots, cache entries) are in the object outbox under erasure_id,
+    written in the same transaction; the erasure sweeper removes them."""
 
     seq: int
     face_ids: list[int]
     crop_keys: list[str]
+    erasure_id: uuid.UUID | None = None
+    feedback_removed: int = 0
+    subjects_removed: int = 0
 
 
 @dataclass
@@ -245,9 +252,11 @@ class GalleryRepository:
                 "WHERE $1::text IS NULL OR tenant = $1 ORDER BY id", tenant)
         return [Collection(**dict(r)) for r in rows]
 
-    async def delete_collection(self, collection: Collection) -> RemovedFaces:
-        """The collection with its subjects and faces, in one transaction; every
-        face's removal goes to the change log so the matchers drop it."""
+    async def delete_collection(self, collection: Collection, *, requested_by: str = "") -> RemovedFaces:
+        """The collection with its subjects, faces and feedback, in one
+        transaction; every face's removal goes to the change log so the
+        matchers drop it, and the erasure of its crops, snapshots and cache
+        entries to the object outbox."""
         async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn, conn.transaction():
             await _lock_changelog(conn)
             faces = await conn.fetch(
@@ -258,11 +267,20 @@ class GalleryRepository:
             seq = await self._log_removals(conn, collection.id, uuid.UUID(int=0), [])
             for sid, ids in by_subject.items():
                 seq = await self._log_removals(conn, collection.id, sid, ids)
+            feedback = _count(await conn.execute("DELETE FROM feedback WHERE collection_id = $1", collection.id))
+            subjects = [r["id"] for r in await conn.fetch(
+                "DELETE FROM subjects WHERE collection_id = $1 RETURNING id", collection.id)]
             status = await conn.execute("DELETE FROM collections WHERE id = $1", collection.id)
             if status.endswith(" 0"):
                 raise CollectionNotFound(f"no collection named {collection.name!r}", collection=collection.name)
+            eid = await erasures.record_erasure(
+                conn, collection, kind="collection", target=collection.name, seq=seq, requested_by=requested_by,
+                removed={"rows": {"faces": len(faces), "subjects": len(subjects), "feedback": feedback,
+                                  "collections": 1}},
+                entries=erasures.plan_collection(collection, subjects))
         return RemovedFaces(seq=seq, face_ids=[f["id"] for f in faces],
-                            crop_keys=[f["crop_key"] for f in faces if f["crop_key"]])
+                            crop_keys=[f["crop_key"] for f in faces if f["crop_key"]], erasure_id=eid,
+                            feedback_removed=feedback, subjects_removed=len(subjects))
 
     # --- subjects -----------------------------------------------------------
     _SUBJECT_COLS = """s.id, c.name AS collection, s.name, s.metadata, s.created_at, s.updated_at,
@@ -357,18 +375,34 @@ class GalleryRepository:
             await _notify_change(conn, seq)
         return await self.get_subject(collection, subject_id), seq
 
-    async def delete_subject(self, collection: Collection, subject_id: uuid.UUID) -> RemovedFaces:
+    async def delete_subject(
+        self, collection: Collection, subject_id: uuid.UUID, *, requested_by: str = ""
+    ) -> RemovedFaces:
+        """The subject, its faces and its feedback; in the same transaction the
+        erasure (receipt) and the outbox rows for its crops (each known key and
+        the whole crops/<collection>/<subject>/ prefix), the snapshots taken
+        before this delete, and its images' cache entries."""
         async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn, conn.transaction():
             await _lock_subject_for_change(conn, collection, subject_id)
             faces = await conn.fetch(
                 "DELETE FROM faces WHERE subject_id = $1 RETURNING id, crop_key", subject_id
             )
             seq = await self._log_removals(conn, collection.id, subject_id, [f["id"] for f in faces])
+            feedback = _count(await conn.execute("DELETE FROM feedback WHERE subject_id = $1", subject_id))
             await conn.execute("DELETE FROM subjects WHERE id = $1", subject_id)
+            keys = [f["crop_key"] for f in faces if f["crop_key"]]
+            eid = await erasures.record_erasure(
+                conn, collection, kind="subject", target=str(subject_id), seq=seq, requested_by=requested_by,
+                removed={"rows": {"faces": len(faces), "subjects": 1, "feedback": feedback},
+                         "face_ids": [f["id"] for f in faces]},
+                entries=erasures.plan_subject(collection, subject_id, keys, seq))
         return RemovedFaces(
             seq=seq,
             face_ids=[f["id"] for f in faces],
-            crop_keys=[f["crop_key"] for f in faces if f["crop_key"]],
+            crop_keys=keys,
+            erasure_id=eid,
+            feedback_removed=feedback,
+            subjects_removed=1,
         )
 
     # --- faces ----------------------------------------------------------------
@@ -383,7 +417,11 @@ class GalleryRepository:
         crop_key: str | None,
         box: dict[str, float],
         det_score: float,
+        guard_id: int | None = None,
     ) -> tuple[FaceRecord, int]:
+        """One face and its `add` log entry. guard_id: the outbox row that
+        would sweep this face's crop if the enrolment never committed; it is
+        removed in this transaction, so the row now owns the crop."""
         if model != collection.embedder or embedding.shape != (collection.dim,):
             raise InvalidRequest(
                 f"embedding from {model} ({embedding.shape[0]}-d) does not fit collection "
@@ -391,6 +429,10 @@ class GalleryRepository:
             )
         async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn, conn.transaction():
             await _lock_subject_for_change(conn, collection, subject_id)
+            if guard_id is not None and not await erasures.consume_guard(conn, guard_id):
+                raise ServiceUnavailable(
+                    "the enrolment outlived its crop's grace period and the crop is being removed; "
+                    "enrol again", retry_after_s=1)
             row = await conn.fetchrow(
                 """INSERT INTO faces (subject_id, collection_id, embedding, model, dim,
                                       image_sha256, crop_key, box, det_score)
@@ -535,7 +577,7 @@ class GalleryRepository:
         return [r["model"] for r in rows], np.stack([bytes_to_vec(r["embedding"]) for r in rows])
 
     async def delete_face(
-        self, collection: Collection, subject_id: uuid.UUID, face_id: int
+        self, collection: Collection, subject_id: uuid.UUID, face_id: int, *, requested_by: str = ""
     ) -> RemovedFaces:
         async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn, conn.transaction():
             await _lock_changelog(conn)
@@ -550,7 +592,12 @@ class GalleryRepository:
                 )
             seq = await self._log_removals(conn, collection.id, subject_id, [row["id"]])
             await conn.execute("UPDATE subjects SET updated_at = now() WHERE id = $1", subject_id)
-        return RemovedFaces(seq=seq, face_ids=[row["id"]], crop_keys=[row["crop_key"]] if row["crop_key"] else [])
+            eid = await erasures.record_erasure(
+                conn, collection, kind="face", target=str(face_id), seq=seq, requested_by=requested_by,
+                removed={"rows": {"faces": 1}, "face_ids": [row["id"]], "subject_id": str(subject_id)},
+                entries=erasures.plan_face(collection, subject_id, row["crop_key"], seq))
+        return RemovedFaces(seq=seq, face_ids=[row["id"]], crop_keys=[row["crop_key"]] if row["crop_key"] else [],
+                            erasure_id=eid)
 
     @staticmethod
     async def _log_removals(
@@ -696,6 +743,17 @@ class GalleryRepository:
         async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
             return await conn.fetchval("SELECT coalesce(max(seq), 0) FROM changes")
 
+    async def snapshot_floor(self, collection_id: int) -> tuple[bool, int]:
+        """(the collection still exists, seq of its newest erasure): a matcher
+        writes no snapshot of a deleted collection, nor one below that seq (it
+        would hold erased vectors), and prunes every snapshot below it."""
+        async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
+            row = await conn.fetchrow(
+                "SELECT EXISTS (SELECT 1 FROM collections WHERE id = $1) AS live, "
+                "coalesce((SELECT max(seq) FROM erasures WHERE collection_id = $1), 0) AS floor",
+                collection_id)
+        return bool(row["live"]), int(row["floor"])
+
 
 async def _log_feedback(conn: asyncpg.Connection, collection_id: int, subject_id: uuid.UUID,
                         feedback_id: int) -> int:
@@ -710,6 +768,11 @@ async def _log_feedback(conn: asyncpg.Connection, collection_id: int, subject_id
 def _probes(blobs: list[bytes]) -> np.ndarray:
     """A subject's "not this person" probes as rows (none: shape (0, 0))."""
     return np.stack([bytes_to_vec(b) for b in blobs]) if blobs else np.zeros((0, 0), np.float32)
+
+
+def _count(status: str) -> int:
+    """Rows affected, from a command status such as "DELETE 3"."""
+    return int(status.rsplit(" ", 1)[-1])
 
 
 def _feedback_dict(row: asyncpg.Record) -> dict[str, Any]:

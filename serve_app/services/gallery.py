@@ -1,9 +1,15 @@
 """Collections, subjects and faces: enrolment with its cleanup, and the CRUD.
 
 The face crop is cut by the detector (only kilobytes reach here). It goes to
-object storage before the row is written; if the transaction fails or the
-request is cancelled, the object is deleted again, so no row ever points at
-a missing object and no object outlives a failed enrolment.
+object storage before the row is written, under a guard in the erasure
+outbox that the row's transaction removes; if the transaction fails or the
+request is cancelled, the object is deleted again, and if even that fails
+(or the process dies) the sweeper removes it once the guard falls due. So no
+row ever points at a missing object and no object outlives a failed enrolment.
+
+Deletes are erasures (serve_app/services/erasure.py): the row delete commits
+with its outbox of crops, snapshots and cache entries, the delete sweeps its
+own erasure for a few seconds, and answers with the receipt.
 """
 from __future__ import annotations
 
@@ -13,18 +19,22 @@ import logging
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from serve_app.errors import CollectionNotFound, InvalidRequest, LowQuality, ModelMismatch
-from serve_app.errors import FaceNotFound, NotFound, ServiceUnavailable
+from serve_app.errors import ErasureNotFound, FaceNotFound, NotFound, ServiceUnavailable
 from serve_app.gallery.repository import Collection, FaceRecord, RemovedFaces, Subject
+from serve_app.gallery.erasures import Receipt
 from serve_app.pipeline_client import AnalyseSpec, Analysis
 from serve_app.services.last_good import LastGood
 from serve_app.services.liveness_policy import LivenessPolicy, enforce
 from serve_app.services.recognition import PipelinePort, single_face
 from serve_app.timing import StageTimer
+
+if TYPE_CHECKING:
+    from serve_app.services.erasure import ErasureService
 
 log = logging.getLogger("ray.serve")
 
@@ -40,12 +50,15 @@ class GalleryRepo(Protocol):
     async def list_subjects(self, collection: Collection, *, limit: int, after: tuple[datetime, uuid.UUID] | None) -> list[Subject]: ...
     async def count_subjects(self, collection: Collection) -> int: ...
     async def rename_subject(self, collection: Collection, subject_id: uuid.UUID, name: Any) -> tuple[Subject, int]: ...
-    async def delete_subject(self, collection: Collection, subject_id: uuid.UUID) -> RemovedFaces: ...
+    async def delete_subject(self, collection: Collection, subject_id: uuid.UUID, *,
+                             requested_by: str = ...) -> RemovedFaces: ...
     async def add_face(self, collection: Collection, subject_id: uuid.UUID, *, embedding: np.ndarray, model: str,
-                       image_sha256: str, crop_key: str, box: dict[str, float], det_score: float) -> tuple[FaceRecord, int]: ...
+                       image_sha256: str, crop_key: str, box: dict[str, float], det_score: float,
+                       guard_id: int | None = ...) -> tuple[FaceRecord, int]: ...
     async def list_faces(self, collection: Collection, subject_id: uuid.UUID) -> list[FaceRecord]: ...
-    async def delete_face(self, collection: Collection, subject_id: uuid.UUID, face_id: int) -> RemovedFaces: ...
-    async def delete_collection(self, collection: Collection) -> RemovedFaces: ...
+    async def delete_face(self, collection: Collection, subject_id: uuid.UUID, face_id: int, *,
+                          requested_by: str = ...) -> RemovedFaces: ...
+    async def delete_collection(self, collection: Collection, *, requested_by: str = ...) -> RemovedFaces: ...
 
 
 class ObjectPort(Protocol):
@@ -74,9 +87,15 @@ class SubjectRemoval:
     faces_removed: int
     seq: int
     crops_pending_cleanup: int
+    feedback_removed: int = 0
+    erasure: Receipt | None = None  # None when this replica runs no erasure service
 
 
 class GalleryService:
+    # Set by the ingress (serve_app/services/erasure.py): enrolment guards,
+    # sweeping a delete's own erasure, receipts.
+    erasures: "ErasureService | None" = None
+
     def __init__(self, pipeline: PipelinePort, repo: GalleryRepo, objects: ObjectPort, *,
                  model: str, dim: int, default_collection: str,
                  lookup_ttl_s: float = 10.0, lookup_stale_s: float = 300.0) -> None:
@@ -132,15 +151,14 @@ class GalleryService:
     async def list_collections(self, tenant: str = "default") -> list[Collection]:
         return await self.repo.list_collections(tenant)
 
-    async def delete_collection(self, collection: Collection) -> SubjectRemoval:
+    async def delete_collection(self, collection: Collection, *, requested_by: str = "") -> SubjectRemoval:
         """Removes a collection, its subjects and faces (crops too). Other ingress
         replicas may hold it in their cache for up to lookup_ttl_s; their writes
         to it then fail on the missing row."""
-        removed = await self.repo.delete_collection(collection)
+        removed = await self.repo.delete_collection(collection, requested_by=requested_by)
         self._collections.pop((collection.tenant, collection.name), None)
         self._saw(removed.seq)
-        leftover = await self.objects.adelete_many(removed.crop_keys)
-        return SubjectRemoval(len(removed.face_ids), removed.seq, len(leftover))
+        return await self._erased(collection, removed)
 
     # --- subjects -------------------------------------------------------------------
     async def create_subject(self, collection: Collection, name: str, metadata: dict[str, Any]) -> Subject:
@@ -163,11 +181,35 @@ class GalleryService:
         self._saw(seq)  # identify answers names from the matcher, which follows the log
         return subject
 
-    async def delete_subject(self, collection: Collection, sid: uuid.UUID) -> SubjectRemoval:
-        removed = await self.repo.delete_subject(collection, sid)
+    async def delete_subject(self, collection: Collection, sid: uuid.UUID, *,
+                             requested_by: str = "") -> SubjectRemoval:
+        """The subject's rows go now; its crops (the whole prefix), feedback,
+        snapshots holding its vectors and cache entries through its erasure."""
+        removed = await self.repo.delete_subject(collection, sid, requested_by=requested_by)
         self._saw(removed.seq)
-        leftover = await self.objects.adelete_many(removed.crop_keys)
-        return SubjectRemoval(len(removed.face_ids), removed.seq, len(leftover))
+        return await self._erased(collection, removed)
+
+    async def _erased(self, collection: Collection, removed: RemovedFaces) -> SubjectRemoval:
+        """Sweep the delete's erasure for a moment, then read its receipt."""
+        receipt = None
+        if self.erasures is not None and removed.erasure_id is not None:
+            await self.erasures.settle(removed.erasure_id)
+            try:
+                receipt = await self.erasures.receipt(removed.erasure_id, collection.tenant)
+            except Exception:  # the delete has happened; GET /v1/erasures/{id} tells the rest
+                log.warning("could not read the receipt of erasure %s", removed.erasure_id, exc_info=True)
+        if receipt is not None:
+            crops = next(c for c in receipt.copies if c.copy == "crops")
+            pending = crops.items - crops.items_done
+        else:
+            pending = len(removed.crop_keys)  # the sweeper of some ingress replica removes them
+        return SubjectRemoval(len(removed.face_ids), removed.seq, pending, removed.feedback_removed, receipt)
+
+    async def erasure(self, erasure_id: str, tenant: str) -> Receipt:
+        """GET /v1/erasures/{id}: the receipt, if it is this tenant's."""
+        if self.erasures is None:
+            raise ErasureNotFound("this service keeps no erasure receipts", erasure_id=erasure_id)
+        return await self.erasures.receipt(erasure_id, tenant)
 
     # --- faces ------------------------------------------------------------------------
     async def enrol(self, collection: Collection, sid: uuid.UUID, data: bytes, timer: StageTimer, *,
@@ -191,7 +233,13 @@ class GalleryService:
         crop_key = f"crops/{collection.id}/{sid}/{uuid.uuid4().hex}.jpg"
         x1, y1, x2, y2 = face.box
         with timer.stage("store"):
-            await self.objects.aput(crop_key, analysis.detection.enrol_crops[i])
+            # The guard sweeps the crop if this enrolment never commits its row.
+            guard = await self.erasures.guard(crop_key) if self.erasures is not None else None
+            try:
+                await self.objects.aput(crop_key, analysis.detection.enrol_crops[i])
+            except BaseException:
+                await asyncio.shield(self._discard(crop_key, guard))
+                raise
             try:
                 record, seq = await self.repo.add_face(
                     collection, sid,
@@ -201,18 +249,24 @@ class GalleryService:
                     crop_key=crop_key,
                     box={"x1": round(x1, 1), "y1": round(y1, 1), "x2": round(x2, 1), "y2": round(y2, 1)},
                     det_score=float(face.score),
+                    guard_id=guard,
                 )
             except BaseException:
                 # Shielded: a cancelled request must still remove its object.
-                await asyncio.shield(self._discard(crop_key))
+                await asyncio.shield(self._discard(crop_key, guard))
                 raise
         self._saw(seq)
         return Enrolment(record, seq, analysis, i)
 
-    async def _discard(self, key: str) -> None:
+    async def _discard(self, key: str, guard: int | None) -> None:
         left = await self.objects.adelete_many([key])
         if left:
-            log.warning("enrolment failed and its crop %s could not be removed", key)
+            log.warning("enrolment failed and its crop %s could not be removed; its guard will sweep it", key)
+        elif guard is not None and self.erasures is not None:
+            try:
+                await self.erasures.drop_guard(guard)
+            except Exception:  # harmless: the sweeper finds nothing to delete
+                log.warning("could not drop the guard of %s", key, exc_info=True)
 
     async def list_faces(self, collection: Collection, sid: uuid.UUID) -> list[FaceRecord]:
         return await self.repo.list_faces(collection, sid)
@@ -234,7 +288,12 @@ class GalleryService:
             raise ServiceUnavailable(f"object store unavailable: {type(exc).__name__}", retry_after_s=2) from exc
 
     async def delete_face(self, collection: Collection, sid: uuid.UUID, face_id: int) -> int:
-        removed = await self.repo.delete_face(collection, sid, face_id)
+        return (await self.remove_face(collection, sid, face_id)).seq
+
+    async def remove_face(self, collection: Collection, sid: uuid.UUID, face_id: int, *,
+                          requested_by: str = "") -> SubjectRemoval:
+        """One face, as an erasure: its crop, the snapshots holding its vector,
+        its image's cache entry."""
+        removed = await self.repo.delete_face(collection, sid, face_id, requested_by=requested_by)
         self._saw(removed.seq)
-        await self.objects.adelete_many(removed.crop_keys)
-        return removed.seq
+        return await self._erased(collection, removed)

@@ -73,9 +73,25 @@ class FakeObjects:
     def __init__(self) -> None:
         self.data: dict[str, bytes] = {}
         self.fail_put = False
+        self.fail_delete = False  # deletes, listings and lookups fail (a store outage)
+
+    def _check(self) -> None:
+        if self.fail_delete:
+            raise OSError("object store down")
 
     def list_keys(self, prefix: str) -> list[str]:
-        return sorted(k for k in self.data if k.startswith(prefix))
+        self._check()
+        base = prefix.rstrip("/") + "/"
+        return sorted(k for k in self.data if k.startswith(base))
+
+    def present(self, key: str) -> bool:
+        self._check()
+        return key in self.data
+
+    def delete_keys(self, keys: list[str]) -> None:
+        self._check()
+        for k in keys:
+            self.data.pop(k, None)
 
     async def aput(self, key: str, data: bytes) -> None:
         if self.fail_put:
@@ -88,9 +104,105 @@ class FakeObjects:
         return self.data[key]
 
     async def adelete_many(self, keys: list[str]) -> list[str]:
+        if self.fail_delete:
+            return list(keys)
         for k in keys:
             self.data.pop(k, None)
         return []
+
+
+class FakeErasures:
+    """The erasures and object_outbox tables in memory, with the SQL's rules:
+    claims lease rows (attempts + 1, due again after the lease), a guard is
+    consumed only while unclaimed, the last finished row completes its
+    erasure. `clock` is seconds, advanced by the test."""
+
+    def __init__(self) -> None:
+        self.clock = 0.0
+        self.erasures: dict[uuid.UUID, dict[str, Any]] = {}
+        self.outbox: dict[int, dict[str, Any]] = {}
+        self.audits: list[dict[str, Any]] = []
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(1e9 + self.clock, timezone.utc)
+
+    def record(self, collection: Collection, *, kind: str, target: str, seq: int, requested_by: str,
+               removed: dict[str, Any], entries: list[Any]) -> uuid.UUID:
+        eid = uuid.uuid4()
+        self.erasures[eid] = {"id": eid, "tenant": collection.tenant, "collection_name": collection.name,
+                              "collection_id": collection.id, "kind": kind, "target": target, "seq": seq,
+                              "requested_by": requested_by, "requested_at": self._now(), "removed": removed,
+                              "completed_at": None}
+        for e in entries:
+            self._insert(eid, e.copy, e.op, e.target, list(e.items), e.below_seq, self.clock)
+        return eid
+
+    def _insert(self, eid: uuid.UUID | None, copy: str, op: str, target: str, items: list[str],
+                below_seq: int | None, not_before: float) -> int:
+        rid = len(self.outbox) + 1
+        self.outbox[rid] = {"id": rid, "erasure_id": eid, "copy": copy, "op": op, "target": target, "items": items,
+                            "below_seq": below_seq, "not_before": not_before, "attempts": 0, "last_error": None,
+                            "note": None, "removed": 0, "done_at": None}
+        return rid
+
+    def consume_guard(self, guard_id: int) -> bool:
+        row = self.outbox.get(guard_id)
+        if row is None or row["erasure_id"] is not None or row["attempts"] or row["done_at"] is not None:
+            return False
+        del self.outbox[guard_id]
+        return True
+
+    async def guard(self, key: str, grace_s: float) -> int:
+        return self._insert(None, "crops", "object", key, [], None, self.clock + grace_s)
+
+    async def drop_guard(self, guard_id: int) -> None:
+        row = self.outbox.get(guard_id)
+        if row is not None and row["erasure_id"] is None and not row["attempts"]:
+            del self.outbox[guard_id]
+
+    async def claim(self, *, limit: int, lease_s: float, erasure_id: uuid.UUID | None = None) -> list[Any]:
+        from serve_app.gallery.erasures import OutboxItem
+
+        due = sorted((r for r in self.outbox.values() if r["done_at"] is None and r["not_before"] <= self.clock
+                      and (erasure_id is None or r["erasure_id"] == erasure_id)),
+                     key=lambda r: (r["not_before"], r["id"]))[:limit]
+        for r in due:
+            r["attempts"] += 1
+            r["not_before"] = self.clock + lease_s
+        return [OutboxItem(r["id"], r["erasure_id"], r["copy"], r["op"], r["target"], list(r["items"]),
+                           r["below_seq"], r["attempts"], r["removed"]) for r in due]
+
+    async def finish(self, item: Any, removed: int, note: str | None = None) -> bool:
+        if item.erasure_id is None:
+            self.outbox.pop(item.id, None)
+            return False
+        row = self.outbox[item.id]
+        if row["done_at"] is None:
+            row.update(done_at=self._now(), removed=row["removed"] + removed, note=note, last_error=None)
+        e = self.erasures[item.erasure_id]
+        if e["completed_at"] is None and all(r["done_at"] is not None for r in self.outbox.values()
+                                             if r["erasure_id"] == item.erasure_id):
+            e["completed_at"] = self._now()
+            self.audits.append({"tenant": e["tenant"], "action": "erasure.complete", "target": str(e["id"])})
+            return True
+        return False
+
+    async def progress(self, item: Any, removed: int) -> None:
+        row = self.outbox[item.id]
+        row.update(removed=row["removed"] + removed, not_before=self.clock, attempts=0)
+
+    async def retry_later(self, item: Any, delay_s: float, error: str) -> None:
+        row = self.outbox.get(item.id)
+        if row is not None and row["done_at"] is None:
+            row.update(not_before=self.clock + delay_s, last_error=error)
+
+    async def receipt(self, erasure_id: uuid.UUID, tenant: str | None) -> Any:
+        from serve_app.gallery.erasures import build_receipt
+
+        e = self.erasures.get(erasure_id)
+        if e is None or (tenant is not None and e["tenant"] != tenant):
+            return None
+        return build_receipt(e, [r for r in self.outbox.values() if r["erasure_id"] == erasure_id])
 
 
 class FakeRepo:
@@ -101,6 +213,7 @@ class FakeRepo:
         self.seq = 0
         self.fail_add_face: Exception | None = None
         self.feedback: dict[int, tuple[int, uuid.UUID, np.ndarray]] = {}
+        self.erasures = FakeErasures()  # what the deletes write in their transaction
 
     async def ensure_collection(self, name: str, embedder: str, dim: int, tenant: str = "default") -> Collection:
         if (tenant, name) not in self.collections:
@@ -183,10 +296,15 @@ class FakeRepo:
         return [m for m, _ in rows], (np.stack([v for _, v in rows]) if rows else np.zeros((0, DIM), np.float32))
 
     async def add_face(self, collection: Collection, subject_id: uuid.UUID, *, embedding: np.ndarray, model: str,
-                       image_sha256: str, crop_key: str, box: dict[str, float], det_score: float) -> tuple[FaceRecord, int]:
+                       image_sha256: str, crop_key: str, box: dict[str, float], det_score: float,
+                       guard_id: int | None = None) -> tuple[FaceRecord, int]:
         if self.fail_add_face is not None:
             raise self.fail_add_face
         await self.get_subject(collection, subject_id)
+        if guard_id is not None and not self.erasures.consume_guard(guard_id):
+            from serve_app.errors import ServiceUnavailable
+
+            raise ServiceUnavailable("the crop's guard was claimed by the sweeper")
         self.seq += 1
         rec = FaceRecord(len(self.faces) + 1, subject_id, model, image_sha256, crop_key, box, det_score,
                          datetime.now(timezone.utc))
@@ -197,24 +315,56 @@ class FakeRepo:
         await self.get_subject(collection, subject_id)
         return [f for cid, f, _ in self.faces.values() if cid == collection.id and f.subject_id == subject_id]
 
-    async def delete_face(self, collection: Collection, subject_id: uuid.UUID, face_id: int) -> RemovedFaces:
+    async def delete_face(self, collection: Collection, subject_id: uuid.UUID, face_id: int, *,
+                          requested_by: str = "") -> RemovedFaces:
+        from serve_app.gallery import erasures
+
         found = self.faces.get(face_id)
         if found is None or found[0] != collection.id or found[1].subject_id != subject_id:
             raise FaceNotFound(f"no face {face_id}")
         del self.faces[face_id]
         self.seq += 1
-        return RemovedFaces(self.seq, [face_id], [found[1].crop_key or ""])
+        eid = self.erasures.record(collection, kind="face", target=str(face_id), seq=self.seq,
+                                   requested_by=requested_by, removed={"rows": {"faces": 1}, "face_ids": [face_id]},
+                                   entries=erasures.plan_face(collection, subject_id, found[1].crop_key, self.seq))
+        return RemovedFaces(self.seq, [face_id], [found[1].crop_key] if found[1].crop_key else [], eid)
 
-    async def delete_subject(self, collection: Collection, subject_id: uuid.UUID) -> RemovedFaces:
+    async def delete_subject(self, collection: Collection, subject_id: uuid.UUID, *,
+                             requested_by: str = "") -> RemovedFaces:
+        from serve_app.gallery import erasures
+
         await self.get_subject(collection, subject_id)
         gone = [fid for fid, (cid, f, _) in self.faces.items() if f.subject_id == subject_id]
-        keys = [self.faces[f][1].crop_key or "" for f in gone]
+        keys = [k for k in (self.faces[f][1].crop_key for f in gone) if k]
         for fid in gone:
             del self.faces[fid]
         del self.subjects[subject_id]
-        self.feedback = {k: v for k, v in self.feedback.items() if v[1] != subject_id}  # ON DELETE CASCADE
+        feedback = sum(1 for v in self.feedback.values() if v[1] == subject_id)
+        self.feedback = {k: v for k, v in self.feedback.items() if v[1] != subject_id}
         self.seq += 1
-        return RemovedFaces(self.seq, gone, keys)
+        eid = self.erasures.record(
+            collection, kind="subject", target=str(subject_id), seq=self.seq, requested_by=requested_by,
+            removed={"rows": {"faces": len(gone), "subjects": 1, "feedback": feedback}, "face_ids": gone},
+            entries=erasures.plan_subject(collection, subject_id, keys, self.seq))
+        return RemovedFaces(self.seq, gone, keys, eid, feedback, 1)
+
+    async def delete_collection(self, collection: Collection, *, requested_by: str = "") -> RemovedFaces:
+        from serve_app.gallery import erasures
+
+        gone = [fid for fid, (cid, _, _) in self.faces.items() if cid == collection.id]
+        keys = [k for k in (self.faces[f][1].crop_key for f in gone) if k]
+        for fid in gone:
+            del self.faces[fid]
+        subjects = [sid for sid, (cid, _) in self.subjects.items() if cid == collection.id]
+        for sid in subjects:
+            del self.subjects[sid]
+        del self.collections[(collection.tenant, collection.name)]
+        self.seq += 1
+        eid = self.erasures.record(
+            collection, kind="collection", target=collection.name, seq=self.seq, requested_by=requested_by,
+            removed={"rows": {"faces": len(gone), "subjects": len(subjects), "collections": 1}},
+            entries=erasures.plan_collection(collection, subjects))
+        return RemovedFaces(self.seq, gone, keys, eid, 0, len(subjects))
 
     def search(self, collection_id: int, vectors: np.ndarray, k: int,
                feedback_similarity: float | None = None) -> list[list[Hit]]:

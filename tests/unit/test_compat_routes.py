@@ -17,7 +17,6 @@ from fastapi.testclient import TestClient
 from serve_app.api.app import create_app
 from serve_app.api.deps import Edge
 from serve_app.deployment_config import IngressConfig
-from serve_app.gallery.repository import RemovedFaces
 from serve_app.services.access import Authenticator
 from serve_app.services.gallery import GalleryService
 from serve_app.services.recognition import RecognitionService
@@ -38,24 +37,9 @@ class _Raw:
         yield self.data
 
 
-class _Repo(FakeRepo):
-    """FakeRepo plus delete_collection (the Postgres one is tested through the real app)."""
-
-    async def delete_collection(self, collection: Any) -> RemovedFaces:
-        gone = [fid for fid, (cid, _, _) in self.faces.items() if cid == collection.id]
-        keys = [self.faces[f][1].crop_key or "" for f in gone]
-        for fid in gone:
-            del self.faces[fid]
-        for sid in [sid for sid, (cid, _) in self.subjects.items() if cid == collection.id]:
-            del self.subjects[sid]
-        del self.collections[(collection.tenant, collection.name)]
-        self.seq += 1
-        return RemovedFaces(self.seq, gone, keys)
-
-
 @pytest.fixture()
 def app() -> Iterator[tuple[TestClient, FakeAccess]]:
-    repo = _Repo()
+    repo = FakeRepo()
     pipe = FakePipeline(repo)
     pipe.script(ADA, unit(1, 0, 0, 0))
     pipe.script(ADA2, unit(1, 0.1, 0, 0))

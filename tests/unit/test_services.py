@@ -15,6 +15,7 @@ from serve_app.errors import (
     SpoofDetected,
     SubjectNotFound,
 )
+from serve_app.services.erasure import ErasureService
 from serve_app.services.gallery import GalleryService
 from serve_app.services.liveness_policy import LivenessPolicy
 from serve_app.services.decisions import DecisionPolicy
@@ -41,6 +42,7 @@ def world() -> tuple[FakeRepo, FakePipeline, FakeObjects, RecognitionService, Ga
     outcomes = CountingOutcomes()
     rec = RecognitionService(pipe, repo, outcomes)
     gal = GalleryService(pipe, repo, objects, model="fake", dim=DIM, default_collection="default")
+    gal.erasures = ErasureService(repo.erasures, objects)
     return repo, pipe, objects, rec, gal, outcomes
 
 

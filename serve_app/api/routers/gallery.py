@@ -16,6 +16,7 @@ from serve_app.api.schemas import (
     CollectionList,
     CollectionOut,
     EnrolResponse,
+    ErasureReceipt,
     FaceDeleted,
     FaceList,
     FaceRecordOut,
@@ -96,10 +97,34 @@ async def rename_subject(subject_id: str, body: SubjectPatch, edge: EdgeDep, who
 
 @router.delete("/subjects/{subject_id}", response_model=SubjectDeleted)
 async def delete_subject(subject_id: str, edge: EdgeDep, who: Enroller, col: EnrolCollection) -> SubjectDeleted:
-    removed = await edge.gallery.delete_subject(col, parse_subject_id(subject_id))
-    await edge.audit(who, "subject.delete", subject_id, collection=col.name, faces=removed.faces_removed)
+    """An erasure: rows, feedback, every crop under the subject's prefix, the
+    index snapshots holding its vectors and its cache entries. The answer
+    carries the receipt; `GET /v1/erasures/{id}` says when every copy is gone."""
+    removed = await edge.gallery.delete_subject(col, parse_subject_id(subject_id), requested_by=who.actor)
+    receipt = ErasureReceipt.of(removed.erasure) if removed.erasure is not None else None
+    await edge.audit(who, "subject.delete", subject_id, collection=col.name, faces=removed.faces_removed,
+                     seq=removed.seq, **_erasure_details(receipt))
     return SubjectDeleted(deleted=subject_id, faces_removed=removed.faces_removed, seq=removed.seq,
-                          crops_pending_cleanup=removed.crops_pending_cleanup)
+                          crops_pending_cleanup=removed.crops_pending_cleanup,
+                          feedback_removed=removed.feedback_removed, erasure=receipt)
+
+
+def _erasure_details(receipt: ErasureReceipt | None) -> dict[str, object]:
+    """What the audit record says was removed, and from where."""
+    if receipt is None:
+        return {}
+    return {"erasure_id": receipt.id, "removed": receipt.removed,
+            "copies": {name: {"where": c.where, "removed": c.removed, "complete": c.complete}
+                       for name, c in receipt.copies.items()}}
+
+
+@router.get("/erasures/{erasure_id}", response_model=ErasureReceipt, tags=["erasure"])
+async def get_erasure(erasure_id: Annotated[str, Path(max_length=64)], edge: EdgeDep,
+                      who: Enroller) -> ErasureReceipt:
+    """The receipt of a delete: per copy (Postgres rows, crops in the bucket,
+    index snapshots, cache entries) whether it is gone, and `complete` with
+    `completed_at` once all are. Another tenant's erasure is not found."""
+    return ErasureReceipt.of(await edge.gallery.erasure(erasure_id, who.tenant))
 
 
 @router.post("/subjects/{subject_id}/faces", response_model=EnrolResponse, response_model_exclude_none=True,
@@ -127,6 +152,8 @@ async def list_faces(subject_id: str, edge: EdgeDep, col: ReadCollection) -> Fac
 @router.delete("/subjects/{subject_id}/faces/{face_id}", response_model=FaceDeleted)
 async def delete_face(subject_id: str, face_id: FaceId, edge: EdgeDep, who: Enroller,
                       col: EnrolCollection) -> FaceDeleted:
-    seq = await edge.gallery.delete_face(col, parse_subject_id(subject_id), face_id)
-    await edge.audit(who, "face.delete", str(face_id), collection=col.name, subject=subject_id, seq=seq)
-    return FaceDeleted(deleted=face_id, seq=seq)
+    removed = await edge.gallery.remove_face(col, parse_subject_id(subject_id), face_id, requested_by=who.actor)
+    receipt = ErasureReceipt.of(removed.erasure) if removed.erasure is not None else None
+    await edge.audit(who, "face.delete", str(face_id), collection=col.name, subject=subject_id, seq=removed.seq,
+                     **_erasure_details(receipt))
+    return FaceDeleted(deleted=face_id, seq=removed.seq, erasure=receipt)
