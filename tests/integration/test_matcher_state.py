@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 
@@ -454,3 +455,145 @@ async def test_names_and_feedback_follow_the_log(repo: GalleryRepository, store:
 
 def _probe_of(changes: list, face_id: int) -> np.ndarray:
     return np.stack([next(c.embedding for c in changes if c.op == "add" and c.face_id == face_id)])
+
+
+# ------------------------------------------------------- two Matcher replicas
+# The Matcher deployment's own class (search, check_health, the lag gauges),
+# two instances in this process against the real Postgres: the cut-off one
+# logs in as a role of its own. Serve itself is not needed to show what a
+# replica does; what Serve does with an unhealthy one is its own business.
+class RecordingGauge:
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def set(self, value: float, *_: object, **__: object) -> None:
+        self.values.append(float(value))
+
+
+async def _matcher(dsn: str, objects_url: str) -> Any:
+    from serve_app.deployments.matcher import Matcher
+    from serve_app.settings import Settings
+
+    cls = Matcher.func_or_class
+    m = cls.__new__(cls)
+    await cls.__init__(m, Settings(database_url=dsn, object_store_url=objects_url, metrics_enabled=False))
+    m.reconfigure({"sync_interval_s": 0.1, "max_staleness_s": 2.0, "min_seq_timeout_s": 5.0, "snapshot_every": 0})
+    m._metrics.matcher_seq_behind = RecordingGauge()
+    m._metrics.matcher_sync_age = RecordingGauge()
+    return m
+
+
+async def _close(m: Any) -> None:
+    for task in (m._follow_task, m._lag_task):
+        task.cancel()
+    await asyncio.gather(m._follow_task, m._lag_task, return_exceptions=True)
+    m._executor.shutdown(wait=False)
+    m._gallery.repo.pool.terminate()
+
+
+@pytest.fixture()
+async def replicas(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[Any, Any, Any, str]]:
+    """(writer repo, replica A, replica B, A's role): A can be cut off alone."""
+    import serve_app.deployments.matcher as matcher_module
+
+    monkeypatch.setattr(matcher_module, "_LAG_REPORT_S", 0.1)
+    name, dsn = await acreate_database("faceserve_two")
+    role = f"matcher_{uuid.uuid4().hex[:8]}"
+    await admin(f'CREATE ROLE "{role}" LOGIN SUPERUSER')
+    writer = GalleryRepository(await create_pool(dsn, min_size=1, max_size=4))
+    base, _, _ = dsn.partition("@")
+    made = []
+    try:
+        made.append(await _matcher(dsn.replace(base, f"postgresql://{role}", 1), f"file://{tmp_path}/objects"))
+        made.append(await _matcher(dsn, f"file://{tmp_path}/objects"))
+        yield writer, made[0], made[1], role
+    finally:
+        for m in made:
+            await _close(m)
+        await writer.pool.close()
+        await adrop_database(name)
+        await admin(f'DROP ROLE IF EXISTS "{role}"')
+
+
+def _emb(vec: np.ndarray) -> Any:
+    from serve_app.messages import EmbeddingResult
+
+    return EmbeddingResult("test", len(vec), vec[None, :].astype(np.float32))
+
+
+async def test_two_replicas_find_an_enrolment_once_its_seq_is_reached(replicas: tuple) -> None:
+    writer, a, b, _ = replicas
+    rng = np.random.default_rng(12)
+    col = await writer.ensure_collection("c", "test", DIM)
+    sub = await writer.create_subject(col, "ada")
+    vec = _vec(rng)
+    face, seq = await writer.add_face(col, sub.id, embedding=vec, model="test", image_sha256="1" * 64,
+                                      crop_key=None, box={"x1": 0, "y1": 0, "x2": 1, "y2": 1}, det_score=0.9)
+    for m in (a, b):
+        res = await m.search(_emb(vec), col.id, 1, min_seq=seq)
+        assert res.seq >= seq
+        (hit,) = res.hits[0]
+        assert (hit.face_id, hit.subject_id, hit.name) == (face.id, str(sub.id), "ada")
+    _, renamed = await writer.rename_subject(col, sub.id, "Ada L.")
+    for m in (a, b):  # names follow the log on every replica
+        assert (await m.search(_emb(vec), col.id, 1, min_seq=renamed)).hits[0][0].name == "Ada L."
+    for m in (a, b):  # a seq no write has reached is the caller's error (400), on every replica
+        with pytest.raises(InvalidRequest, match="beyond"):
+            await m.search(_emb(vec), col.id, 1, min_seq=renamed + 1)
+    for m in (a, b):
+        m.check_health()
+
+
+async def test_a_replica_cut_off_turns_unhealthy_and_its_lag_gauge_shows_it(replicas: tuple) -> None:
+    writer, a, b, role = replicas
+    rng = np.random.default_rng(13)
+    col = await writer.ensure_collection("c", "test", DIM)
+    await _enrol(writer, col, rng, subjects=2, faces=1)
+    await admin(f'ALTER ROLE "{role}" NOLOGIN')
+    await admin(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'")
+    (_, face), = await _enrol(writer, col, rng, subjects=1, faces=1)
+    latest = await writer.latest_seq()
+
+    def a_unhealthy() -> bool:
+        try:
+            a.check_health()
+        except StaleIndex:
+            return True
+        return False
+
+    assert await _wait_for(a_unhealthy)  # past max_staleness_s (2 s) with no good sync
+    b.check_health()
+    assert await _wait_for(lambda: face in b._gallery.subject_of)
+    assert face not in a._gallery.subject_of  # A still answers, from what it holds
+    assert await _wait_for(lambda: a._metrics.matcher_sync_age.values[-1] > 2.0)
+    assert b._metrics.matcher_sync_age.values[-1] < 2.0
+    assert a.stats()["sync_age_s"] > 2.0 and a._follower.sync_errors > 0
+    with pytest.raises(ServiceUnavailable):  # read-your-writes cannot be served cut off: 503, not stale
+        await a.search(_emb(_vec(rng)), col.id, 1, min_seq=latest)
+
+    await admin(f'ALTER ROLE "{role}" LOGIN')
+    assert await _wait_for(lambda: not a_unhealthy() and face in a._gallery.subject_of)
+    assert await _wait_for(lambda: a._metrics.matcher_sync_age.values[-1] < 2.0
+                           and a._metrics.matcher_seq_behind.values[-1] == 0)
+
+
+async def test_a_rewound_log_is_detected_and_reloaded_by_both_replicas(replicas: tuple) -> None:
+    writer, a, b, _ = replicas
+    rng = np.random.default_rng(14)
+    col = await writer.ensure_collection("c", "test", DIM)
+    await _enrol(writer, col, rng, subjects=3, faces=1)
+    keep = await writer.latest_seq()
+    lost = await _enrol(writer, col, rng, subjects=2, faces=1)
+    for m in (a, b):
+        await m.sync()
+        assert all(face in m._gallery.subject_of for _, face in lost)
+
+    await _truncate_log(writer, keep)  # a failover to a lagging replica / a point-in-time restore
+    assert await _wait_for(lambda: a._gallery.reloads >= 1 and b._gallery.reloads >= 1)
+    full = GalleryIndex(writer, None)
+    await full.load()
+    for m in (a, b):
+        assert m.stats()["reloads"] >= 1
+        _assert_same(m._gallery, full, {col.id: DIM})
+        assert all(face not in m._gallery.subject_of for _, face in lost)
+        m.check_health()
