@@ -183,9 +183,22 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
+class DatabaseUnreachable(ConnectionError):
+    """No new connection to Postgres could be opened (refused, reset, or its
+    socket file gone because the server is stopped): a 503, named as the
+    database's, not a bare OSError that reads like object storage."""
+
+
+async def _connect(*args: Any, **kwargs: Any) -> asyncpg.Connection:
+    try:
+        return await asyncpg.connect(*args, **kwargs)
+    except OSError as exc:
+        raise DatabaseUnreachable(f"cannot connect to PostgreSQL: {exc}") from exc
+
+
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
-        dsn, min_size=min_size, max_size=max_size, init=_init_connection, command_timeout=30,
+        dsn, min_size=min_size, max_size=max_size, init=_init_connection, command_timeout=30, connect=_connect,
         # One stalled writer must not block every other: waits on the change-log
         # lock end after 5 s (-> 503), and a transaction left idle is cut at 30 s.
         server_settings={"lock_timeout": "5s", "idle_in_transaction_session_timeout": "30s"},

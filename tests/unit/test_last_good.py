@@ -124,3 +124,15 @@ async def test_collections_survive_a_database_outage_but_a_miss_is_never_cached(
     assert await gallery.collection("staff") == made
     with pytest.raises(ServiceUnavailable):
         await gallery.collection("never-seen")
+
+
+async def test_a_stopped_database_is_a_database_outage() -> None:
+    """A stopped server's socket file is gone: asyncpg raises FileNotFoundError,
+    which must read as the database's 503, not object storage's."""
+    from serve_app.errors import dependency_outage
+    from serve_app.gallery.repository import DatabaseUnreachable, _connect
+
+    with pytest.raises(DatabaseUnreachable) as err:
+        await _connect("postgresql://postgres:@/postgres?host=/nonexistent-socket-dir", timeout=5)
+    down = dependency_outage(err.value)
+    assert down is not None and down.details["dependency"] == "postgres"
