@@ -55,3 +55,19 @@ def test_keys_cannot_escape_the_root(tmp_path: Path) -> None:
     for bad in ("../x", "/abs", "", "a/../../b"):
         with pytest.raises(ValueError):
             store.put(bad, b"x")
+
+
+@pytest.mark.parametrize("backend", ["file", "s3"])
+def test_erasure_primitives(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """What the erasure sweeper relies on: a prefix lists only its own keys
+    ("crops/1" is not "crops/10"), present() asks the store itself (no stale
+    listing cache), delete_keys removes many at once and ignores absent keys."""
+    url = f"file://{tmp_path}/objects" if backend == "file" else request.getfixturevalue("s3_url") + "-erasure"
+    store = ObjectStore(url)
+    for key in ("crops/1/s/a.jpg", "crops/1/t/b.jpg", "crops/10/s/c.jpg"):
+        store.put(key, b"x")
+    assert store.list_keys("crops/1/") == ["crops/1/s/a.jpg", "crops/1/t/b.jpg"]
+    assert store.present("crops/1/s/a.jpg") and not store.present("crops/1/s/zzz.jpg")
+    store.delete_keys(["crops/1/s/a.jpg", "crops/1/t/b.jpg", "crops/1/t/never.jpg"])
+    assert not store.present("crops/1/s/a.jpg") and store.list_keys("crops/1") == []
+    assert store.list_keys("crops/10") == ["crops/10/s/c.jpg"] and store.list_keys("nothing/here") == []
