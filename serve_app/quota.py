@@ -27,9 +27,14 @@ class QuotaDecision:
 class RequestQuota:
     def __init__(self, redis_url: str, prefix: str = "faceserve:quota") -> None:
         import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
 
-        # Short timeouts: the quota sits on every request's path.
-        self._redis = aioredis.from_url(redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        # Short timeouts and no retries (redis-py retries 3 times by default):
+        # the quota sits on every request's path, and a stopped or unreachable
+        # Redis must cost at most one timeout per check, never a hang.
+        self._redis = aioredis.from_url(redis_url, socket_timeout=0.5, socket_connect_timeout=0.5,
+                                        retry=Retry(NoBackoff(), 0), retry_on_timeout=False)
         self._prefix = prefix
         self._last_warning = 0.0
 
