@@ -30,9 +30,9 @@ class RequestQuota:
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
 
-        # Short timeouts and no retries (redis-py retries 3 times by default):
-        # the quota sits on every request's path, and a stopped or unreachable
-        # Redis must cost at most one timeout per check, never a hang.
+        # Short timeouts and no retries: the quota sits on every request's path,
+        # and a stopped or unreachable Redis must cost at most one timeout per
+        # check, never a hang.
         self._redis = aioredis.from_url(redis_url, socket_timeout=0.5, socket_connect_timeout=0.5,
                                         retry=Retry(NoBackoff(), 0), retry_on_timeout=False)
         self._prefix = prefix

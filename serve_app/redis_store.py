@@ -4,7 +4,8 @@ Redis is an accelerator here, never a dependency of an answer: every caller
 catches RedisUnavailable and carries on without it (a cache miss, an
 idempotency key not enforced). So a call must fail fast rather than wait:
 - socket and connect timeouts of `timeout_s` (0.25 s), and redis-py's own
-  retries switched off (its default retries three times with backoff);
+  retries switched off (by default it retries a command that failed on a
+  connection error up to three times, with backoff);
 - an outer asyncio deadline, in case a call hangs anyway;
 - after a failure the store answers RedisUnavailable at once for
   `cooldown_s` (1 s) before it tries Redis again, so an outage costs one
