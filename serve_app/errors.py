@@ -145,9 +145,12 @@ def dependency_outage(exc: BaseException) -> ServiceUnavailable | None:
         return exc
     # OperatorInterventionError: "terminating connection due to administrator
     # command" (a fast shutdown or failover) and "the database system is
-    # shutting down / starting up".
+    # shutting down / starting up". InternalClientError ("cannot switch to
+    # state ..."): a pool connection's reset on release, when the server
+    # dropped it under the query (drill: Postgres stopped mid-request); asyncpg
+    # terminates that connection itself.
     if isinstance(exc, (asyncpg.exceptions.PostgresConnectionError, asyncpg.exceptions.InterfaceError,
-                        asyncpg.exceptions.OperatorInterventionError,
+                        asyncpg.exceptions.OperatorInterventionError, asyncpg.exceptions.InternalClientError,
                         asyncpg.exceptions.TooManyConnectionsError,
                         asyncpg.exceptions.LockNotAvailableError, asyncpg.exceptions.QueryCanceledError,
                         ConnectionError)):

@@ -49,7 +49,9 @@ async def test_fresh_answers_are_reused_then_asked_again() -> None:
 
 
 @pytest.mark.parametrize("down", [ConnectionRefusedError(111, "refused"), asyncpg.exceptions.AdminShutdownError(),
-                                  asyncpg.exceptions.CannotConnectNowError(), asyncio.TimeoutError()])
+                                  asyncpg.exceptions.CannotConnectNowError(), asyncio.TimeoutError(),
+                                  asyncpg.exceptions.InternalClientError("cannot switch to state 15; another "
+                                                                         "operation (2) is in progress")])
 async def test_outage_serves_the_last_good_answer_within_the_bound(down: BaseException) -> None:
     clock, src = Clock(), Source()
     cache: LastGood[str, str] = LastGood(ttl_s=5, stale_s=60, clock=clock)
