@@ -107,6 +107,12 @@ class MatcherConfig(_Config):
     sync_interval_s: float = Field(1.0, gt=0.0, le=60.0)
     # Write a collection's snapshot once this many changes are in none; 0 = never.
     snapshot_every: int = Field(1000, ge=0)
+    # Rewrite a collection's snapshot once it is this many log entries behind
+    # (however few were its own): a restart replays at most about this much; 0 = never.
+    snapshot_max_behind: int = Field(100_000, ge=0)
+    # Change-log entries below every collection's newest snapshot are deleted
+    # once they are this old (seconds); 0 = keep the whole log.
+    log_retention_s: float = Field(3600.0, ge=0.0)
     # check_health fails when no sync reached the log's end for this long.
     max_staleness_s: float = Field(30.0, gt=0.0)
     # How long a search waits for min_seq before answering 503.

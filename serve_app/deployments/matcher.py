@@ -40,6 +40,7 @@ from serve_app.telemetry import now_ns, record_span
 
 log = logging.getLogger("ray.serve")
 
+_PRUNE_EVERY_S = 600.0  # how often a replica prunes the change log (any replica may; it is idempotent)
 _LAG_REPORT_S = 5.0  # gauges are set on a timer: Ray drops a gauge ~20 s after its last set()
 
 
@@ -66,6 +67,8 @@ class Matcher:
         )
         self._snapshot_task: asyncio.Task[list[str]] | None = None
         self._rebuild_task: asyncio.Task[Any] | None = None
+        self._prune_task: asyncio.Task[int] | None = None
+        self._prune_at = time.monotonic() + _PRUNE_EVERY_S
         self._follower = LogFollower(
             self._gallery,
             interval_s=self._config.sync_interval_s,
@@ -81,6 +84,7 @@ class Matcher:
         self._config = cfg
         self._follower.interval_s = cfg.sync_interval_s
         self._gallery.snapshot_every = cfg.snapshot_every
+        self._gallery.snapshot_max_behind = cfg.snapshot_max_behind
         self._gallery.set_policy(
             IndexPolicy(
                 exact_max=cfg.exact_max_faces,
@@ -100,6 +104,10 @@ class Matcher:
         # new one is swapped in.
         if (self._rebuild_task is None or self._rebuild_task.done()) and self._gallery.rebuild_due():
             self._rebuild_task = loop.create_task(self._gallery.rebuild_indexes())
+        # Now and then, the change log below what every newest snapshot needs goes.
+        if (self._prune_task is None or self._prune_task.done()) and time.monotonic() >= self._prune_at:
+            self._prune_at = time.monotonic() + _PRUNE_EVERY_S
+            self._prune_task = loop.create_task(self._gallery.prune_log(self._config.log_retention_s))
 
     async def _report_lag(self) -> None:
         while True:

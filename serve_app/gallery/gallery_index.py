@@ -57,6 +57,11 @@ class StaleIndex(RuntimeError):
     """The replica has not synced with the change log for too long."""
 
 
+class LogPruned(RuntimeError):
+    """Log entries after the position a replay started from were pruned
+    while (or before) it read them: what it applied may have a hole."""
+
+
 @dataclass(frozen=True)
 class Lag:
     seq_behind: int  # newest seq known to exist minus the seq applied
@@ -101,6 +106,10 @@ class GalleryIndex:
         # Seq of the newest face removal applied per collection: a snapshot
         # older than it still holds erased vectors, so one is written promptly.
         self.erased: dict[int, int] = {}
+        # Rewrite a collection's snapshot once it is this many log entries
+        # behind (however few were its own), so a restart replays at most
+        # about this much of the log; 0 = never.
+        self.snapshot_max_behind = 100_000
         self.snapshot_seq: dict[int, int] = {}
         # Serialises log replay and snapshot capture: a snapshot's index and
         # map must both be exactly at self.seq. Searches never take it.
@@ -121,7 +130,12 @@ class GalleryIndex:
     async def load(self) -> LoadReport:
         t0 = time.perf_counter()
         async with self.lock:
-            report = await self._load()
+            try:
+                report = await self._load()
+            except LogPruned as exc:  # the snapshots are older than the log kept: Postgres has it all
+                log.warning("%s; loading every collection from Postgres instead", exc)
+                self.indexes, self.subject_of, self.snapshot_seq, self.pending, self.erased = {}, {}, {}, {}, {}
+                report = await self._load(use_snapshots=False)
             self.anchor = (await self.repo.log_entries([self.seq])).get(self.seq) if self.seq else None
             self.db_seq = max(self.db_seq, self.seq)
             self.last_sync = self.clock()
@@ -130,7 +144,7 @@ class GalleryIndex:
         report.seconds = time.perf_counter() - t0
         return report
 
-    async def _load(self) -> LoadReport:
+    async def _load(self, use_snapshots: bool = True) -> LoadReport:
         # Read first: any collection or face committed later has a larger seq,
         # so replaying from <= seq0 cannot miss it.
         seq0 = await self.repo.latest_seq()
@@ -138,7 +152,7 @@ class GalleryIndex:
         # subject renamed, reported or deleted since up to date.
         self.names, self.feedback = await self.repo.subject_state()
         collections = {c.id: c for c in await self.repo.list_collections()}
-        found = await self._list_snapshots(seq0, collections)
+        found = await self._list_snapshots(seq0, collections) if use_snapshots else {}
         if not found:
             seq, faces = await self.repo.load_all()
             self.apply(faces)
@@ -212,7 +226,11 @@ class GalleryIndex:
             if reason is not None:
                 log.warning("change log rewound or rewritten (%s): reloading the gallery from scratch", reason)
                 await self._reload()
-            await self._catch_up()
+            try:
+                await self._catch_up()
+            except LogPruned as exc:
+                log.warning("%s: reloading the gallery", exc)
+                await self._reload()
             self.db_seq = max(self.db_seq, self.seq)
             self.last_sync = self.clock()
         return self.seq
@@ -287,10 +305,11 @@ class GalleryIndex:
             )
 
     async def _catch_up(self, skip: dict[int, int] | None = None) -> int:
-        n = 0
+        n, start = 0, self.seq
         while True:
             changes = await self.repo.changes_since(self.seq, limit=_BATCH)
             if not changes:
+                await self._check_not_pruned(start)
                 return n
             self.apply(changes, skip)
             last = changes[-1]
@@ -299,7 +318,15 @@ class GalleryIndex:
             self.last_progress = self.clock()
             n += len(changes)
             if len(changes) < _BATCH:
+                await self._check_not_pruned(start)
                 return n
+
+    async def _check_not_pruned(self, start: int) -> None:
+        """After a replay from start: nothing after start may have been pruned
+        (seq numbers have gaps, so only the pruning's own mark can tell)."""
+        through = await self.repo.log_pruned_through()
+        if through > start:
+            raise LogPruned(f"the change log was pruned through seq {through}, a replay started at {start}")
 
     def apply(self, changes: list[Change], skip: dict[int, int] | None = None) -> None:
         """Apply log entries (or loaded faces, as adds); face entries at or below
@@ -416,8 +443,33 @@ class GalleryIndex:
         if self.snapshots is None or self.snapshot_every <= 0 or time.monotonic() < self._retry_at:
             return []
         due = [c for c, n in self.pending.items() if n >= self.snapshot_every and c in self.indexes]
-        return due + [c for c, s in self.erased.items()
-                      if c in self.indexes and c not in due and s > self.snapshot_seq.get(c, s)]
+        due += [c for c, s in self.erased.items()
+                if c in self.indexes and c not in due and s > self.snapshot_seq.get(c, s)]
+        if self.snapshot_max_behind > 0:  # bounded replay: a quiet collection's snapshot holds the log back
+            due += [c for c, s in self.snapshot_seq.items()
+                    if c in self.indexes and c not in due and self.seq - s > self.snapshot_max_behind]
+        return due
+
+    async def prune_log(self, retention_s: float) -> int:
+        """Delete change-log entries no replica needs any more: below the
+        newest snapshot of every collection and below this replica's own
+        position (a restart restores the newest snapshots and replays after
+        them; the entry at a snapshot's seq stays, it is its anchor), and
+        older than retention_s. A replay that started below what was pruned
+        notices (LogPruned) and reloads. Errors are logged, never raised."""
+        if retention_s <= 0:
+            return 0
+        try:
+            live = {c.id for c in await self.repo.list_collections()}
+            listed = await asyncio.to_thread(self.snapshots.list_all) if self.snapshots is not None else {}
+            below = min([self.seq, *(seqs[0] for cid, seqs in listed.items() if cid in live and seqs)])
+            n = await self.repo.prune_changes(below, retention_s)
+        except Exception:
+            log.warning("pruning the change log failed; trying again later", exc_info=True)
+            return 0
+        if n:
+            log.info("pruned %d change-log entries below seq %d", n, below)
+        return n
 
     async def write_snapshots(self) -> list[str]:
         """Snapshot every due collection; a failure is logged and retried
@@ -457,7 +509,8 @@ class GalleryIndex:
             counted = self.pending.get(cid, 0)
             # Under the lock (no apply can interleave) but off the event loop;
             # searches only need the index's read lock, which this shares.
-            blob = await asyncio.to_thread(encode, cid, seq, anchor, self.indexes[cid].current, self.subject_of)
+            blob = await asyncio.to_thread(encode, cid, seq, anchor, self.indexes[cid].current, self.subject_of,
+                                           self.snapshots.signing_key)  # unsigned, no replica would load it
         key = await asyncio.to_thread(self.snapshots.write_blob, cid, seq, blob, floor)
         # An erasure committed while this one was written makes it stale at
         # once: prune below the erasure again (this snapshot included).

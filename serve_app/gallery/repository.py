@@ -756,6 +756,35 @@ class GalleryRepository:
         async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
             return await conn.fetchval("SELECT coalesce(max(seq), 0) FROM changes")
 
+    async def prune_changes(self, below_seq: int, older_than_s: float, batch: int = 10_000) -> int:
+        """Delete log entries with seq < below_seq committed more than
+        older_than_s ago, in batches; each batch records the highest seq it
+        deleted (change_log_pruned) in its own transaction, so a replica that
+        replayed across it can tell. Returns the number deleted."""
+        total = 0
+        while True:
+            async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn, conn.transaction():
+                n = await conn.fetchval(
+                    """WITH gone AS (
+                           DELETE FROM changes WHERE seq IN (
+                               SELECT seq FROM changes
+                               WHERE seq < $1 AND created_at < now() - make_interval(secs => $2)
+                               ORDER BY seq LIMIT $3)
+                           RETURNING seq),
+                       mark AS (
+                           UPDATE change_log_pruned SET through_seq = greatest(through_seq, (SELECT max(seq) FROM gone))
+                           WHERE EXISTS (SELECT 1 FROM gone) RETURNING 1)
+                       SELECT count(*) FROM gone""",
+                    below_seq, float(older_than_s), batch)
+            total += n
+            if n < batch:
+                return total
+
+    async def log_pruned_through(self) -> int:
+        """The highest seq ever pruned from the change log (0: never)."""
+        async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
+            return await conn.fetchval("SELECT coalesce(max(through_seq), 0) FROM change_log_pruned")
+
     async def snapshot_floor(self, collection_id: int) -> tuple[bool, int]:
         """(the collection still exists, seq of its newest erasure): a matcher
         writes no snapshot of a deleted collection, nor one below that seq (it
