@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -106,6 +107,7 @@ class ErasureService:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.failures = 0  # attempts that failed and were rescheduled
         self.completed = 0  # erasures this replica completed
+        self._failed_at = float("-inf")  # monotonic time of the latest failed attempt
 
     # ------------------------------------------------------------ enrolment
     async def guard(self, key: str) -> int:
@@ -129,10 +131,14 @@ class ErasureService:
     async def settle(self, erasure_id: uuid.UUID) -> None:
         """Sweep this erasure now, waiting up to settle_s; what is left (the
         store is down, a large prefix) goes on in the background and then
-        in the sweeper loop."""
+        in the sweeper loop. While attempts are failing (the store or Redis
+        is down) the delete does not wait at all: a run of deletes (the
+        compatibility APIs' delete-all) must not take settle_s each."""
         task = asyncio.get_running_loop().create_task(self._sweep_erasure(erasure_id))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if time.monotonic() - self._failed_at < self.config.max_backoff_s:
+            return
         await asyncio.wait({task}, timeout=self.config.settle_s)
 
     async def _sweep_erasure(self, erasure_id: uuid.UUID) -> None:
@@ -173,6 +179,7 @@ class ErasureService:
             removed, note, more = await self._clear(item)
         except Exception as exc:  # whatever the store or cache raised: retry later
             self.failures += 1
+            self._failed_at = time.monotonic()
             delay = self.backoff_s(item.attempts)
             log.warning("erasure outbox %s %s %s failed (attempt %d): %s; retrying in %.1fs",
                         item.id, item.op, item.target, item.attempts, exc, delay)

@@ -195,6 +195,24 @@ async def test_large_prefixes_are_removed_in_batches(world: World) -> None:
     assert not world.objects.list_keys(f"crops/{col.id}")
 
 
+async def test_deletes_do_not_wait_on_a_store_that_is_failing(world: World) -> None:
+    ada = await world.enrolled("ada", unit(1, 0, 0, 0))
+    bob = await world.enrolled("bob", unit(0, 1, 0, 0))
+    col = await world.gal.collection(None)
+    world.objects.fail_delete = True
+    await world.gal.delete_subject(col, ada)  # waits for its own erasure, which fails
+    stuck = asyncio.Event()
+
+    async def never_done(erasure_id: uuid.UUID) -> None:
+        await stuck.wait()
+
+    world.erasures._sweep_erasure = never_done  # type: ignore[method-assign]
+    world.erasures.config.settle_s = 3600.0
+    removed = await asyncio.wait_for(world.gal.delete_subject(col, bob), 30)  # does not wait settle_s
+    assert removed.erasure is not None and not removed.erasure.complete
+    stuck.set()
+
+
 # --- enrolment guards ----------------------------------------------------------------
 async def test_failed_enrolment_drops_its_crop_and_its_guard(world: World) -> None:
     col = await world.gal.collection(None, create=True)
