@@ -73,7 +73,7 @@ def test_sface_batch_equals_one_by_one(sface, aligned) -> None:
 
 
 def test_sface_matches_opencv(sface, aligned, cv_recognizer) -> None:
-    """Our batched onnxruntime path == cv2.FaceRecognizerSF.feature on the same
+    """Our batched cv2.dnn path == cv2.FaceRecognizerSF.feature on the same
     aligned crops (OpenCV is fed BGR, as it expects)."""
     crops = aligned[0]["yunet"]
     ours = sface.embed(crops)
