@@ -128,6 +128,16 @@ class IndexCorrupt(InternalFault):
     code = "index_corrupt"
 
 
+class ModelChanged(ServiceUnavailable):
+    """The collection's vectors are of another model than the probe's: it was
+    re-embedded (serve_app/jobs/reembed.py) after the caller looked it up, or
+    the matcher has not applied the switch yet. details["model"] is the
+    collection's model as the matcher holds it; the ingress embeds the probe
+    with that and asks again, so a caller rarely sees this 503."""
+
+    code = "model_changed"
+
+
 def dependency_outage(exc: BaseException) -> ServiceUnavailable | None:
     """A dependency failure (Postgres, Redis, object storage, a timeout) as
     the 503 it should be, or None when exc is something else."""

@@ -18,6 +18,7 @@ without Ray.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +35,7 @@ from serve_app.gallery.repository import GalleryRepository, create_pool
 from serve_app.messages import EmbeddingResult, MatchResult
 from serve_app.metrics import ServiceMetrics
 from serve_app.deployment_config import MatcherConfig
-from serve_app.errors import InvalidRequest, ServiceUnavailable
+from serve_app.errors import InvalidRequest, ModelChanged, ServiceUnavailable
 from serve_app.settings import Settings
 from serve_app.telemetry import now_ns, record_span
 
@@ -143,9 +144,20 @@ class Matcher:
                             self._gallery.seq, known_seq, exc)
         seq = self._gallery.seq  # read first: the search reflects at least this
         loop = asyncio.get_running_loop()
-        hits = await loop.run_in_executor(
-            self._executor, self._gallery.search, collection_id, embeddings.vectors, k, feedback_similarity
-        )
+        search = functools.partial(self._gallery.search, collection_id, embeddings.vectors, k,
+                                   feedback_similarity, embeddings.model)
+        try:
+            hits = await loop.run_in_executor(self._executor, search)
+        except ModelChanged:
+            # Probes of another model than the index's: this replica may not have
+            # applied a re-embed's switch yet. Catch up once; if the models still
+            # differ the caller's view is the stale one (ModelChanged names the model).
+            try:
+                await asyncio.wait_for(self._gallery.sync(), self._config.min_seq_timeout_s)
+            except Exception as exc:  # the log out of reach: answer from what is held, or refuse
+                log.warning("could not catch up before a search of collection %s: %s", collection_id, exc)
+            seq = self._gallery.seq
+            hits = await loop.run_in_executor(self._executor, search)
         ms = (time.perf_counter() - t0) * 1000.0
         self._metrics.observe_stages({"search": ms})
         record_span(

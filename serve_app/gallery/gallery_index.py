@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -42,15 +43,18 @@ import numpy as np
 
 from index.adaptive import AdaptiveIndex
 from index.policy import BuildReport, IndexPolicy
-from serve_app.errors import InvalidRequest, ServiceUnavailable
+from serve_app.errors import InvalidRequest, ModelChanged, ServiceUnavailable
 from serve_app.messages import Hit
 
 from .index_snapshots import Anchor, CollectionSnapshot, SnapshotStore, encode
+from .reembeds import ReembedRepository
 from .repository import CHANGES_CHANNEL, Change, Collection, GalleryRepository
 
 log = logging.getLogger(__name__)
 
 _BATCH = 5000
+# Log entries of a collection's re-embedding (gallery/reembeds.py).
+_STAGE_OPS = ("stage", "unstage", "switch")
 
 
 class StaleIndex(RuntimeError):
@@ -60,6 +64,8 @@ class StaleIndex(RuntimeError):
 class LogPruned(RuntimeError):
     """Log entries after the position a replay started from were pruned
     while (or before) it read them: what it applied may have a hole."""
+
+
 
 
 @dataclass(frozen=True)
@@ -89,13 +95,25 @@ class GalleryIndex:
         snapshot_every: int = 1000,
         retry_s: float = 30.0,
         policy: IndexPolicy | None = None,
+        reembeds: ReembedRepository | None = None,
     ) -> None:
         self.repo = repo
+        self.reembeds = reembeds or ReembedRepository(repo.pool)
         self.snapshots = snapshots
         self.snapshot_every = snapshot_every  # 0: never write snapshots
         self.policy = policy or IndexPolicy()
         self.indexes: dict[int, AdaptiveIndex] = {}
         self.subject_of: dict[int, uuid.UUID] = {}
+        # Each collection's model as this replica holds it: a probe of another
+        # model is refused (ModelChanged), never compared.
+        self.models: dict[int, str] = {}
+        # A re-embed under way: the new model's index of a collection, built
+        # aside from `stage` entries and swapped in whole at its `switch`.
+        self.staging: dict[int, AdaptiveIndex] = {}
+        self.staging_model: dict[int, str] = {}
+        # Held while a switch replaces (index, model) and while a search reads
+        # the pair, so a search never gets one without the other.
+        self._swap = threading.Lock()
         # Identify's answer besides the index: names, and the probes reported
         # "not this person" per subject (rows, L2-normalised).
         self.names: dict[uuid.UUID, str] = {}
@@ -148,17 +166,28 @@ class GalleryIndex:
         # Read first: any collection or face committed later has a larger seq,
         # so replaying from <= seq0 cannot miss it.
         seq0 = await self.repo.latest_seq()
+        # Staged re-embeddings as of one seq, read before any index: replaying
+        # from at or below it brings every staging up to date, and an index
+        # loaded later is never older than a switch the staging reflects.
+        staged = await self.reembeds.load_staged()
+        switched = await self.reembeds.last_switches()
+        self._load_staging(staged)
         # Names and probes as of now (>= seq0); the replay below brings every
         # subject renamed, reported or deleted since up to date.
         self.names, self.feedback = await self.repo.subject_state()
         collections = {c.id: c for c in await self.repo.list_collections()}
+        self.models = {cid: c.embedder for cid, c in collections.items()}
         found = await self._list_snapshots(seq0, collections) if use_snapshots else {}
+        for cid in list(found):  # a snapshot older than the last switch holds the old model's vectors
+            found[cid] = [s for s in found[cid] if s >= switched.get(cid, 0)]
+            if not found[cid]:
+                del found[cid]
         if not found:
             seq, faces = await self.repo.load_all()
             self.apply(faces)
-            self.seq = seq
+            self.seq = min(seq, staged.seq)
             report = LoadReport(seq, 0, full_load=True)
-            report.replayed = await self._catch_up()
+            report.replayed = await self._catch_up(floor=seq, stage_floor=staged.seq)
             return report
         entries = await self.repo.log_entries(sorted({s for seqs in found.values() for s in seqs if s > 0}))
         report = LoadReport(0, 0)
@@ -176,9 +205,17 @@ class GalleryIndex:
                 self.apply(faces)
                 loaded[cid] = seq
                 report.from_postgres.append(cid)
-        self.seq = min([seq0, *report.from_snapshot.values()])
-        report.replayed = await self._catch_up(skip=loaded)
+        self.seq = min([seq0, staged.seq, *report.from_snapshot.values()])
+        report.replayed = await self._catch_up(skip=loaded, stage_floor=staged.seq)
         return report
+
+    def _load_staging(self, staged: Any) -> None:
+        self.staging, self.staging_model = {}, {}
+        for cid, (model, dim) in staged.models.items():
+            index = self.staging[cid] = AdaptiveIndex(dim, self.policy)
+            self.staging_model[cid] = model
+            if cid in staged.vectors:
+                index.add(*staged.vectors[cid])
 
     async def _list_snapshots(self, seq0: int, collections: dict[int, Collection]) -> dict[int, list[int]]:
         if self.snapshots is None:
@@ -258,6 +295,7 @@ class GalleryIndex:
         report = await fresh.load()
         self.indexes, self.subject_of = fresh.indexes, fresh.subject_of
         self.names, self.feedback = fresh.names, fresh.feedback
+        self.models, self.staging, self.staging_model = fresh.models, fresh.staging, fresh.staging_model
         self.pending, self.snapshot_seq = fresh.pending, fresh.snapshot_seq
         self.seq, self.anchor, self.db_seq = fresh.seq, fresh.anchor, fresh.db_seq
         self.reloads += 1
@@ -304,18 +342,25 @@ class GalleryIndex:
                 f"at seq {self.seq}, {lag.seq_behind} known changes behind"
             )
 
-    async def _catch_up(self, skip: dict[int, int] | None = None) -> int:
+    async def _catch_up(self, skip: dict[int, int] | None = None, *, floor: int = 0, stage_floor: int = 0) -> int:
+        """Apply the log after self.seq. At load: skip (per collection) and
+        floor (all collections) say which face entries the loaded indexes
+        reflect, stage_floor which re-embed entries the loaded staging does."""
         n, start = 0, self.seq
         while True:
             changes = await self.repo.changes_since(self.seq, limit=_BATCH)
             if not changes:
                 await self._check_not_pruned(start)
                 return n
-            self.apply(changes, skip)
+            stages = [(ch.face_id, ch.seq) for ch in changes if ch.op == "stage" and ch.seq > stage_floor]
+            staged = await self.reembeds.staged_vectors(stages) if stages else {}
+            self.apply(changes, skip, floor=floor, stage_floor=stage_floor, staged=staged)
             last = changes[-1]
             self.seq = last.seq
             self.anchor = (last.collection_id, last.op, last.face_id, str(last.subject_id))
             self.last_progress = self.clock()
+            if any(ch.collection_id not in self.models for ch in changes if ch.op in ("add", "switch")):
+                await self._refresh_models()
             n += len(changes)
             if len(changes) < _BATCH:
                 await self._check_not_pruned(start)
@@ -328,26 +373,58 @@ class GalleryIndex:
         if through > start:
             raise LogPruned(f"the change log was pruned through seq {through}, a replay started at {start}")
 
-    def apply(self, changes: list[Change], skip: dict[int, int] | None = None) -> None:
+    async def _refresh_models(self) -> None:
+        """Learn the model of collections new to this replica (or switched with
+        nothing staged); until then their searches are not checked."""
+        try:
+            # Only models this replica's indexes already reflect: a collection
+            # switched after self.seq stays unknown until its switch is applied.
+            for cid, model in (await self.reembeds.models_at(self.seq)).items():
+                self.models.setdefault(cid, model)
+        except Exception:  # the next batch retries; the log position is already applied
+            log.warning("could not re-read the collections' models", exc_info=True)
+
+    def apply(self, changes: list[Change], skip: dict[int, int] | None = None, *, floor: int = 0,
+              stage_floor: int = 0, staged: dict[int, tuple[int, str, np.ndarray]] | None = None) -> None:
         """Apply log entries (or loaded faces, as adds); face entries at or below
-        skip[collection] are already reflected and ignored.
+        skip[collection] or floor are already reflected and ignored, and so are
+        re-embed entries at or below stage_floor. staged: the vectors of the
+        `stage` entries (ReembedRepository.staged_vectors).
 
         Face ids are never reused and a face's remove follows its add, so
         adds and removes of one call can be batched per collection. Names and
         probes come with each entry as they are now, so applying an entry
-        again (a replay) is harmless.
+        again (a replay) is harmless. A `switch` or `unstage` replaces a whole
+        index: what precedes it is applied first.
         """
+        for i, ch in enumerate(changes):
+            if ch.op in ("switch", "unstage"):
+                self.apply(changes[:i], skip, floor=floor, stage_floor=stage_floor, staged=staged)
+                self._apply_version(ch, skip, floor, stage_floor)
+                self.apply(changes[i + 1:], skip, floor=floor, stage_floor=stage_floor, staged=staged)
+                return
         adds: dict[int, dict[int, np.ndarray]] = {}
         removes: dict[int, list[int]] = {}
+        stage_adds: dict[int, dict[int, np.ndarray]] = {}
         for ch in changes:
             cid = ch.collection_id
             if ch.op in ("rename", "feedback"):
                 self._apply_subject(ch)
                 continue
+            if ch.op == "stage":
+                found = (staged or {}).get(ch.face_id)
+                if ch.seq > stage_floor and found is not None:  # None: the face is gone since
+                    self.staging_model[cid] = found[1]
+                    stage_adds.setdefault(cid, {})[ch.face_id] = found[2]
+                continue
             if ch.op not in ("add", "remove"):  # a newer writer's op: never guess it is a remove
                 log.warning("ignoring change-log entry %d with unknown op %r", ch.seq, ch.op)
                 continue
-            if skip is not None and ch.seq <= skip.get(cid, -1):
+            if ch.op == "remove" and ch.seq > stage_floor and (cid in self.staging or cid in stage_adds):
+                stage_adds.get(cid, {}).pop(ch.face_id, None)
+                if cid in self.staging:
+                    self.staging[cid].remove(np.array([ch.face_id], np.int64))
+            if ch.seq <= floor or (skip is not None and ch.seq <= skip.get(cid, -1)):
                 continue
             self.pending[cid] = self.pending.get(cid, 0) + 1
             if ch.op == "add":
@@ -376,6 +453,45 @@ class GalleryIndex:
             if index is None:
                 index = self.indexes[cid] = AdaptiveIndex(first.shape[0], self.policy)
             index.add(np.fromiter(vecs.keys(), np.int64, len(vecs)), np.stack(list(vecs.values())))
+        for cid, vecs in stage_adds.items():
+            if not vecs:
+                continue
+            first = next(iter(vecs.values()))
+            index = self.staging.get(cid)
+            if index is None:
+                index = self.staging[cid] = AdaptiveIndex(first.shape[0], self.policy)
+            # A replayed entry adds the same vector again: add() replaces it.
+            index.add(np.fromiter(vecs.keys(), np.int64, len(vecs)), np.stack(list(vecs.values())))
+
+    def _apply_version(self, ch: Change, skip: dict[int, int] | None, floor: int, stage_floor: int) -> None:
+        """`switch`: the collection's staged index becomes its index (one
+        reference swap: a search holds the old index or the new one, whole);
+        `unstage`: the staging is dropped."""
+        cid = ch.collection_id
+        if ch.seq <= stage_floor:  # the loaded staging is already past it (and so is every index)
+            return
+        new, model = self.staging.pop(cid, None), self.staging_model.pop(cid, None)
+        if ch.op == "unstage" or ch.seq <= floor or (skip is not None and ch.seq <= skip.get(cid, -1)):
+            return  # dropped; or the loaded index already holds the new vectors
+        with self._swap:
+            if new is None:  # nothing was staged: the collection had no faces
+                self.indexes.pop(cid, None)
+            else:
+                new.policy = self.policy
+                self.indexes[cid] = new
+            if model is not None:
+                self.models[cid] = model
+            else:
+                self.models.pop(cid, None)  # re-read after this batch
+        # A restart should find the new vectors in a snapshot, not replay them.
+        self.pending[cid] = max(self.pending.get(cid, 0), self.snapshot_every)
+        log.info("collection %s switched to %s at seq %d (%d faces)", cid, model, ch.seq, len(new or ()))
+
+    def model_fits(self, collection_id: int, model: str) -> bool:
+        """Whether probes of `model` may be searched in this collection (its
+        model unknown to this replica yet: it has no faces here)."""
+        want = self.models.get(collection_id)
+        return want is None or want == model
 
     def _apply_subject(self, ch: Change) -> None:
         if ch.name is None:  # deleted since: nothing of it is needed any more
@@ -394,12 +510,18 @@ class GalleryIndex:
 
     # ------------------------------------------------------------ searching
     def search(self, collection_id: int, vectors: np.ndarray, k: int,
-               feedback_similarity: float | None = None) -> list[list[Hit]]:
+               feedback_similarity: float | None = None, model: str | None = None) -> list[list[Hit]]:
         """Top-k subjects per vector, with their names; with feedback_similarity,
         a subject is marked demoted when the vector is at least that similar
         to a probe reported "not this person" for it. Thread-safe against
-        concurrent apply()."""
-        index = self.indexes.get(collection_id)
+        concurrent apply(). With `model` (the probes' embedder), ModelChanged
+        if the collection's index holds another model's vectors."""
+        with self._swap:
+            index = self.indexes.get(collection_id)
+            held = self.models.get(collection_id)
+        if model is not None and held is not None and held != model and len(vectors):
+            raise ModelChanged(f"collection {collection_id} holds {held} embeddings, the probe is {model}'s",
+                               retry_after_s=1, model=held, collection_id=collection_id)
         if index is None or len(index) == 0 or len(vectors) == 0:
             return [[] for _ in range(len(vectors))]
         # Ask for more faces than subjects: one subject may own many faces.
@@ -564,6 +686,9 @@ class GalleryIndex:
         return {
             "seq": self.seq,
             "faces": {cid: len(ix) for cid, ix in self.indexes.items()},
+            "models": dict(self.models),
+            "staging": {cid: {"model": self.staging_model.get(cid), "faces": len(ix)}
+                        for cid, ix in self.staging.items()},
             "subjects_named": len(self.names),
             "subjects_with_feedback": len(self.feedback),
             "index": {
