@@ -6,7 +6,7 @@ deploy with a readable message instead of surfacing later as a 500.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
@@ -87,8 +87,17 @@ class DetectorConfig(_Config):
         return self._bars
 
 
+# Every embedder the service can run (models/embedding.py EMBEDDERS). A
+# collection holds vectors of one of them; the Embedder serves each.
+EmbedderName = Literal["sface", "sface_flip", "facenet"]
+EMBEDDER_NAMES: tuple[str, ...] = get_args(EmbedderName)
+
+
 class EmbedderConfig(_Config):
-    embedder: Literal["sface", "facenet"] = "sface"
+    # The model new collections get, and probes with no collection (verify of
+    # two images). A collection of another model is served by loading that
+    # model too (serve_app/jobs/reembed.py moves a collection between models).
+    embedder: EmbedderName = "sface"
     # Faces per batch (batches are sized by faces, not requests).
     max_batch_size: int = Field(32, ge=1, le=1024)
     batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=1.0)

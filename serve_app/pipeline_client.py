@@ -63,6 +63,9 @@ class AnalyseSpec:
     liveness: bool = False
     enrol_crops: bool = False
     match: MatchSpec | None = None
+    # The embedder the vectors are for: the collection's (None: the default,
+    # e.g. verify of two images). Probes are compared with one model's only.
+    model: str | None = None
 
 
 def unwrap(exc: BaseException) -> BaseException:
@@ -129,7 +132,7 @@ class PipelineClient:
             trace=carrier_from_current(),
         )
         det = self.detector.detect.remote(request)
-        emb = self.embedder.embed.remote(det) if (spec.embed or spec.match) else None
+        emb = self.embedder.embed.remote(det, spec.model) if (spec.embed or spec.match) else None
         live = self.liveness.check.remote(det) if spec.liveness else None
         match = (
             self.matcher.search.remote(emb, spec.match.collection_id, spec.match.k, spec.match.min_seq,

@@ -159,6 +159,7 @@ class IdentifiedFaceOut(FaceOut):
 class IdentifyResponse(BaseModel):
     faces: list[IdentifiedFaceOut]
     collection: str
+    model: str | None = Field(None, description="the embedder the probe was compared with: the collection's")
     threshold: float
     target_fmr: float | None = None
     maybe_threshold: float | None = None

@@ -82,7 +82,8 @@ class Ingress:
         bootstrap = settings.api_key.get_secret_value().encode() if settings.api_key else None
         probes = ProbeCache()
         self._edge = Edge(
-            recognition=RecognitionService(self._pipeline, self._repo, _Outcomes(self._metrics), probes),
+            recognition=RecognitionService(self._pipeline, self._repo, _Outcomes(self._metrics), probes,
+                                           on_model_changed=gallery.model_changed),
             feedback=FeedbackService(self._pipeline, self._repo, probes, saw=gallery.saw),
             calibration=_calibration(info["model"]),
             gallery=gallery,

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from serve_app.errors import InvalidRequest, NoFaceFound
+from serve_app.errors import InvalidRequest, ModelMismatch, NoFaceFound, ServiceUnavailable
 from serve_app.gallery.repository import Collection
 from serve_app.pipeline_client import AnalyseSpec
 from serve_app.services.recognition import PipelinePort, single_face
@@ -58,7 +58,7 @@ class FeedbackService:
     async def report(self, collection: Collection, subject_id: uuid.UUID, *, actor: str, note: str = "",
                      image: bytes | None = None, trace_id: str | None = None, face: int = 0) -> dict[str, Any]:
         if image is not None:
-            analysis = await self.pipeline.analyse(image, AnalyseSpec(embed=True))
+            analysis = await self.pipeline.analyse(image, AnalyseSpec(embed=True, model=collection.embedder))
             i = single_face(analysis, "image", largest=True)
             assert analysis.embeddings is not None
             vector, model, source = analysis.embeddings.vectors[i], analysis.embeddings.model, "image"
@@ -70,8 +70,17 @@ class FeedbackService:
             (vector, model), source = found, f"trace:{trace_id}#{face}"
         else:
             raise InvalidRequest("send the probe image, or the trace_id (and face) of the identify answer")
-        made = await self.repo.add_feedback(collection, subject_id, vector, model=model, source=source,
-                                            actor=actor, note=note)
+        if model != collection.embedder:  # an answer from before the collection was re-embedded
+            raise ModelMismatch(f"that probe is a {model} vector; collection {collection.name!r} now holds "
+                                f"{collection.embedder} embeddings: send the image instead", model=model)
+        try:
+            made = await self.repo.add_feedback(collection, subject_id, vector, model=model, source=source,
+                                                actor=actor, note=note)
+        except Exception as exc:
+            if getattr(exc, "sqlstate", None) != "40001":  # the database's "one model per collection" check
+                raise
+            raise ServiceUnavailable("the collection was just moved to another model; retry",
+                                     retry_after_s=1, reason="model_changed") from None
         self.saw(int(made["seq"]))
         return made
 

@@ -27,6 +27,7 @@ from serve_app.errors import CollectionNotFound, InvalidRequest, LowQuality, Mod
 from serve_app.errors import ErasureNotFound, FaceNotFound, NotFound, ServiceUnavailable
 from serve_app.gallery.repository import Collection, FaceRecord, RemovedFaces, Subject
 from serve_app.gallery.erasures import Receipt
+from serve_app.deployment_config import EMBEDDER_NAMES
 from serve_app.pipeline_client import AnalyseSpec, Analysis
 from serve_app.services.last_good import LastGood
 from serve_app.services.liveness_policy import LivenessPolicy, enforce
@@ -137,11 +138,18 @@ class GalleryService:
             return row
 
         found = await self._collections.get((tenant, name), load)
-        if found.embedder != self.model or found.dim != self.dim:
+        if found.embedder != self.model and found.embedder not in EMBEDDER_NAMES:
             raise ModelMismatch(
-                f"collection {name!r} holds {found.embedder} embeddings but the service runs {self.model}"
-            )
+                f"collection {name!r} holds {found.embedder} embeddings, which this service cannot compute",
+                model=found.embedder)
         return found
+
+    def model_changed(self, collection_id: int, model: str) -> None:
+        """A search found the collection on another model than the cached
+        lookup says (a re-embed switched it): the next lookup re-reads it."""
+        dropped = self._collections.drop(lambda _key, col: col.id == collection_id and col.embedder != model)
+        if dropped:
+            log.info("collection %s is now on %s: its cached lookup dropped", collection_id, model)
 
     async def create_collection(self, name: str, tenant: str = "default") -> Collection:
         col = await self.repo.create_collection(name, self.model, self.dim, tenant)
@@ -216,7 +224,7 @@ class GalleryService:
                     largest: bool, policy: LivenessPolicy, min_quality: float = 0.0) -> Enrolment:
         await self.repo.get_subject(collection, sid)  # 404 before any model work
         analysis = await self.pipeline.analyse(
-            data, AnalyseSpec(embed=True, liveness=policy.checks, enrol_crops=True))
+            data, AnalyseSpec(embed=True, liveness=policy.checks, enrol_crops=True, model=collection.embedder))
         for stage, ms in analysis.timings().items():
             timer.add(stage, ms)
         i = single_face(analysis, "image", largest=largest)
@@ -251,9 +259,13 @@ class GalleryService:
                     det_score=float(face.score),
                     guard_id=guard,
                 )
-            except BaseException:
+            except BaseException as exc:
                 # Shielded: a cancelled request must still remove its object.
                 await asyncio.shield(self._discard(crop_key, guard))
+                if getattr(exc, "sqlstate", None) == "40001":  # the database's "one model per collection" check
+                    self.model_changed(collection.id, "")
+                    raise ServiceUnavailable("the collection was moved to another model during this enrolment; "
+                                             "retry", retry_after_s=1, reason="model_changed") from None
                 raise
         self._saw(seq)
         return Enrolment(record, seq, analysis, i)

@@ -72,6 +72,13 @@ class LastGood(Generic[K, V]):
         hit = self._items.pop(key, None)
         return hit[1] if hit is not None else default
 
+    def drop(self, pred: Callable[[K, V], bool]) -> int:
+        """Forget every entry for which pred(key, value) holds; how many."""
+        doomed = [k for k, (_, v) in self._items.items() if pred(k, v)]
+        for k in doomed:
+            del self._items[k]
+        return len(doomed)
+
     def clear(self) -> None:
         self._items.clear()
 

@@ -7,7 +7,9 @@ full precision; rounding is the HTTP edge's job.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -15,7 +17,8 @@ import numpy as np
 
 import logging
 
-from serve_app.errors import InvalidRequest, ModelMismatch, MultipleFaces, NoFaceFound, dependency_outage
+from serve_app.errors import InvalidRequest, ModelChanged, ModelMismatch, MultipleFaces, NoFaceFound
+from serve_app.errors import dependency_outage
 from serve_app.services.decisions import DecisionPolicy
 from serve_app.gallery.repository import Collection, Subject
 from serve_app.messages import Hit
@@ -118,15 +121,28 @@ def decide_identity(hits: list[Hit], policy: DecisionPolicy) -> tuple[str, Candi
 
 class RecognitionService:
     def __init__(self, pipeline: PipelinePort, repo: RecognitionRepo, outcomes: Outcomes,
-                 probes: Any = None) -> None:
+                 probes: Any = None, on_model_changed: Callable[[int, str], None] | None = None) -> None:
         self.pipeline = pipeline
         self.repo = repo
         self.outcomes = outcomes
         self.probes = probes  # feedback.ProbeCache: identify's probes, for "not this person" by trace id
+        # Told (collection id, its model) when a search finds the collection on
+        # another model than the caller looked up: the gallery service's cache.
+        self.on_model_changed = on_model_changed
 
     async def analyse(self, data: bytes, timer: StageTimer, spec: AnalyseSpec,
                       policy: LivenessPolicy = LivenessPolicy.OFF) -> Analysis:
-        analysis = await self.pipeline.analyse(data, spec)
+        try:
+            analysis = await self.pipeline.analyse(data, spec)
+        except ModelChanged as exc:
+            # The collection was re-embedded since it was looked up: embed the
+            # probe with the model the matcher holds and search again, once.
+            model = exc.details.get("model")
+            if spec.match is None or not isinstance(model, str) or model == spec.model:
+                raise
+            if self.on_model_changed is not None:
+                self.on_model_changed(spec.match.collection_id, model)
+            analysis = await self.pipeline.analyse(data, dataclasses.replace(spec, model=model))
         for stage, ms in analysis.timings().items():
             timer.add(stage, ms)
         enforce(policy, analysis.liveness)
@@ -167,7 +183,12 @@ class RecognitionService:
             models, stored = await self.repo.subject_embeddings(collection, subject_id)
             if not len(stored):
                 raise InvalidRequest(f"subject {subject_id} has no enrolled faces to verify against")
-            a = await self.analyse(data, timer, AnalyseSpec(embed=True, liveness=policy.checks), policy)
+            if len(set(models)) > 1:
+                raise ModelMismatch("the subject's faces were embedded by different models")
+            # The probe is embedded with the stored faces' model, whatever the
+            # collection lookup (cached) says: a re-embed may have just switched it.
+            a = await self.analyse(data, timer, AnalyseSpec(embed=True, liveness=policy.checks, model=models[0]),
+                                   policy)
             i = single_face(a, "image", largest=True)
         except Exception as exc:
             self._count_error(exc, self.outcomes.verification)
@@ -207,7 +228,8 @@ class RecognitionService:
         answering while Postgres is down."""
         await self._check_min_seq(min_seq, known_seq)
         spec = AnalyseSpec(embed=True, liveness=policy.checks,
-                           match=MatchSpec(collection.id, k, min_seq, known_seq, feedback_similarity))
+                           match=MatchSpec(collection.id, k, min_seq, known_seq, feedback_similarity),
+                           model=collection.embedder)
         try:
             analysis = await self.analyse(data, timer, spec, policy)
         except Exception as exc:

@@ -175,7 +175,8 @@ def face_ids_field(call: Call, name: str = "FaceIds") -> list[str]:
 # --- searching ------------------------------------------------------------------------------
 async def _match(call: Call, col: Collection, data: bytes, k: int, timer: StageTimer) -> Analysis:
     edge = call.edge
-    spec = AnalyseSpec(embed=True, match=MatchSpec(col.id, min(k, 100), known_seq=edge.gallery.last_seq))
+    spec = AnalyseSpec(embed=True, match=MatchSpec(col.id, min(k, 100), known_seq=edge.gallery.last_seq),
+                       model=col.embedder)
     analysis = await edge.recognition.analyse(data, timer, spec, edge.policy(None))
     if not len(analysis.detection):
         raise invalid("There are no faces in the image. Should be at least 1.")

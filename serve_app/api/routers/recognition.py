@@ -107,7 +107,9 @@ async def identify(who: Reader, req: ImageReq, edge: EdgeDep) -> IdentifyRespons
                                      fmr=_sig(c.fmr), demoted=c.demoted)
                         for c in f.candidates],
         ))
-    return IdentifyResponse(faces=faces, collection=result.collection, threshold=round(decide.threshold, 4),
+    model = a.embeddings.model if a.embeddings is not None else None
+    return IdentifyResponse(faces=faces, collection=result.collection, model=model,
+                            threshold=round(decide.threshold, 4),
                             target_fmr=_sig(decide.target_fmr), maybe_threshold=_r4(decide.maybe_threshold),
                             seq=result.seq, timings_ms=req.timer.total())
 
