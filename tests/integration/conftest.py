@@ -48,9 +48,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if here in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.integration)
-    # The failover test runs its own three-node cluster: run it before the
-    # session app exists, so two clusters never share the two cores.
-    items.sort(key=lambda item: 0 if Path(str(item.fspath)).name == "test_failover.py" else 1)
+    # The failover test runs its own three-node cluster, and the database
+    # outage drill its own app against a private PostgreSQL: run them before
+    # the session app exists, so two clusters or apps never share the ports.
+    first = {"test_failover.py": 0, "test_db_outage.py": 1}
+    items.sort(key=lambda item: first.get(Path(str(item.fspath)).name, 2))
 
 
 
@@ -101,10 +103,11 @@ class LiveApp:
 
 
 @contextlib.contextmanager
-def running_live_app(name: str) -> Iterator[LiveApp]:
+def running_live_app(name: str, database_url: str | None = None) -> Iterator[LiveApp]:
     """A Ray head (unless one runs) + `serve deploy` on a fresh database named
-    after ``name``; everything it started is torn down afterwards."""
-    dbname, dsn = create_database(name)
+    after ``name`` (or on ``database_url``, a server the caller owns);
+    everything it started is torn down afterwards."""
+    dbname, dsn = create_database(name) if database_url is None else (None, database_url)
     workdir = Path(tempfile.mkdtemp(prefix=f"{name}-"))
     app = LiveApp(
         url=PORTS.http_url,
@@ -130,7 +133,8 @@ def running_live_app(name: str) -> Iterator[LiveApp]:
         cluster.serve_shutdown(PORTS)
         if started_ray:
             cluster.stop_ray("/tmp/ray-faceserve-it", gcs_port=PORTS.gcs)
-        drop_database(dbname)
+        if dbname is not None:
+            drop_database(dbname)
         shutil.rmtree(workdir, ignore_errors=True)
         app.traces.stop()
 
