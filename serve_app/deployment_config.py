@@ -28,6 +28,15 @@ class IngressConfig(_Config):
     enrol_liveness_policy_default: Literal["off", "flag", "block"] = "block"
     # per client (API key, else IP), counted in Redis; 0 = unlimited
     requests_per_minute: int = Field(0, ge=0)
+    # Embedding cache in Redis (serve_app/embedding_cache.py): how long an
+    # image's detection + vectors are kept (0 = no cache), and the largest
+    # entry stored (about 0.6 KB a face with SFace).
+    embedding_cache_ttl_s: int = Field(3600, ge=0, le=30 * 86400)
+    embedding_cache_max_entry_bytes: int = Field(65536, ge=1024, le=16 * 1024**2)
+    # Idempotency-Key on enrolment (serve_app/idempotency.py): how long an answer
+    # is kept for replay, and how long a repeat waits for the first request.
+    idempotency_ttl_s: int = Field(86400, ge=60, le=30 * 86400)
+    idempotency_wait_s: float = Field(5.0, ge=0.0, le=60.0)
     # Deadline for one pass through the model graph; past it the answer is 503.
     pipeline_timeout_s: float = Field(10.0, gt=0.0, le=120.0)
     # Deadline for getting a Postgres connection from the pool.

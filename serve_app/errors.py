@@ -89,6 +89,18 @@ class ModelMismatch(Conflict):
     code = "model_mismatch"
 
 
+class IdempotencyInProgress(Conflict):
+    """A request with the same Idempotency-Key is still running; details carry retry_after_s."""
+
+    code = "idempotency_in_progress"
+
+
+class IdempotencyKeyReused(CallerError):
+    """The Idempotency-Key was used before with a different request body."""
+
+    code = "idempotency_key_reused"
+
+
 class Unauthorized(CallerError):
     code = "unauthorized"
 

@@ -46,6 +46,9 @@ class DetectionResult:
     image_format: str
     timings_ms: dict[str, float] = field(default_factory=dict)
     trace: dict[str, str] = field(default_factory=dict)
+    # The detector options it was made with (embedding_cache.detector_identity):
+    # the embedding cache keys results by it.
+    config_id: str = ""
 
     def __len__(self) -> int:
         return len(self.faces)

@@ -111,6 +111,24 @@ class ServiceMetrics:
         )
 
     @cached_property
+    def embedding_cache(self) -> serve_metrics.Counter:
+        return serve_metrics.Counter(
+            "faceserve_embedding_cache",
+            description="Embedding cache lookups and writes by result "
+                        "(hit, miss, stored, unavailable, corrupt, too_large).",
+            tag_keys=("result",),
+        )
+
+    @cached_property
+    def idempotency(self) -> serve_metrics.Counter:
+        return serve_metrics.Counter(
+            "faceserve_idempotency",
+            description="Idempotency-Key requests by result (claimed, replayed, key_reused, in_progress, "
+                        "unenforced = Redis down, unrecorded = answer not stored).",
+            tag_keys=("result",),
+        )
+
+    @cached_property
     def http_responses(self) -> serve_metrics.Counter:
         return serve_metrics.Counter(
             "faceserve_http_responses",

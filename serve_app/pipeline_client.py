@@ -39,6 +39,7 @@ class Analysis:
     embeddings: EmbeddingResult | None
     liveness: LivenessResult | None
     matches: MatchResult | None
+    cache_key: str | None = None  # the embedding-cache entry it was read from or written to
 
     def timings(self) -> dict[str, float]:
         out: dict[str, float] = dict(self.detection.timings_ms)
@@ -135,8 +136,7 @@ class PipelineClient:
         emb = self.embedder.embed.remote(det, spec.model) if (spec.embed or spec.match) else None
         live = self.liveness.check.remote(det) if spec.liveness else None
         match = (
-            self.matcher.search.remote(emb, spec.match.collection_id, spec.match.k, spec.match.min_seq,
-                                       spec.match.known_seq, spec.match.feedback_similarity)
+            self._search_remote(emb, spec.match)
             if spec.match is not None and emb is not None
             else None
         )
@@ -167,6 +167,50 @@ class PipelineClient:
             liveness=next(it) if live is not None else None,
             matches=next(it) if match is not None else None,
         )
+
+    async def search(self, embeddings: EmbeddingResult, match: MatchSpec) -> MatchResult:
+        """The matcher alone, for vectors the ingress already holds (an
+        embedding-cache hit): the same deadline, one retry on a lost replica
+        and the same 503s as analyse()."""
+        for attempt in (1, 2):
+            response = self._search_remote(embeddings, match)
+            try:
+                return await asyncio.wait_for(response, self.timeout_s)
+            except asyncio.TimeoutError:
+                response.cancel()
+                raise ServiceUnavailable(
+                    f"no answer within {self.timeout_s:g} s; the service is overloaded, retry shortly",
+                    retry_after_s=self.retry_after_s, reason="deadline",
+                ) from None
+            except RequestCancelledError:
+                raise ServiceUnavailable("the request was cancelled", retry_after_s=self.retry_after_s) from None
+            except _REPLICA_LOST as exc:
+                if attempt == 2:
+                    raise ServiceUnavailable(
+                        "a model replica was lost while answering; retry shortly",
+                        retry_after_s=self.retry_after_s, reason=type(exc).__name__,
+                    ) from None
+            except _OVERLOADED as exc:
+                raise ServiceUnavailable(
+                    "the service is at capacity; retry shortly",
+                    retry_after_s=self.retry_after_s, reason=type(exc).__name__,
+                ) from None
+            except Exception as exc:
+                inner = unwrap(exc)  # min_seq refused by the matcher is still the caller's 4xx
+                if inner is not exc:
+                    raise inner from None
+                raise
+        raise AssertionError("unreachable")
+
+    def _search_remote(self, embeddings: Any, match: MatchSpec) -> DeploymentResponse:
+        """The matcher's search; embeddings: an EmbeddingResult or the embedder's response."""
+        return self.matcher.search.remote(embeddings, match.collection_id, match.k, match.min_seq,
+                                          match.known_seq, match.feedback_similarity)
+
+    async def model_parts(self) -> tuple[str, str]:
+        """(detector config identity, embedder model name): what cached results are keyed by."""
+        det, info = await asyncio.gather(self.detector.identity.remote(), self.embedder.info.remote())
+        return str(det), str(info["model"])
 
     async def embedder_info(self) -> dict[str, Any]:
         return await self.embedder.info.remote()

@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         default=None, validation_alias=AliasChoices("REDIS_URL", "FACESERVE_REDIS_URL")
     )
+    # Namespace of this deployment's keys in Redis (embedding cache, idempotency
+    # records): two deployments sharing one Redis need different prefixes.
+    redis_prefix: str = "faceserve"
     # The bootstrap admin key (X-API-Key or Bearer); see serve_app/services/access.py.
     api_key: SecretStr | None = None
     # When set, index snapshots are HMAC-signed with it and replicas load only

@@ -43,6 +43,8 @@ class Edge:
     feedback: Any = None  # services.feedback.FeedbackService
     ready: Callable[[], Any] | None = None
     observe_stages: Callable[[dict[str, float]], None] | None = None  # stage-latency metric
+    idempotency: Any = None  # idempotency.Idempotency (Redis); None: Idempotency-Key is not enforced
+    subject_keys: Any = None  # embedding_cache.SubjectKeys: Redis keys tied to a subject, for erasure
 
     def policy(self, value: Any) -> LivenessPolicy:
         return LivenessPolicy.parse(value, LivenessPolicy(self.config().liveness_policy_default))

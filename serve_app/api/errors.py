@@ -35,6 +35,7 @@ STATUS: dict[type[BaseException], int] = {
     e.MultipleFaces: 422,
     e.SpoofDetected: 422,
     e.LowQuality: 422,
+    e.IdempotencyKeyReused: 422,
     e.RateLimited: 429,
     e.CallerError: 400,
     e.ServiceUnavailable: 503,
@@ -84,7 +85,7 @@ def _domain_response(exc: e.ServiceError | ImageError) -> JSONResponse:
     retry = details.pop("retry_after_s", None)
     status = status_for(exc)
     return error_response(status, exc.code, exc.message, details,
-                          retry_after_s=int(retry) if retry is not None and (status in (429, 503)) else None)
+                          retry_after_s=int(retry) if retry is not None and (status in (409, 429, 503)) else None)
 
 
 def install(app: FastAPI) -> None:

@@ -16,6 +16,7 @@ from ray import serve
 from models.detection import make_detector
 from serve_app.deployment_config import DetectorConfig
 from serve_app.detection_path import run_detection
+from serve_app.embedding_cache import detector_identity
 from serve_app.messages import DetectionResult, DetectRequest
 from serve_app.metrics import ServiceMetrics
 from serve_app.settings import Settings
@@ -35,6 +36,7 @@ class Detector:
         # Spans are recorded per image in _run_one (decode/detect/align under the hop).
         self._stage = BatchedStage("detect", self._metrics, span=None)
         self._config = DetectorConfig()
+        self._identity = detector_identity(self._config)
         self._detector = self._make(self._config)
         self._relandmarker: Any = None
         _limit_threads(self._threads)
@@ -61,6 +63,11 @@ class Detector:
         self.detect_batch.set_max_batch_size(cfg.max_batch_size)
         self.detect_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         self._config = cfg
+        self._identity = detector_identity(cfg)
+
+    def identity(self) -> str:
+        """The options that shape results (the embedding cache's key part)."""
+        return self._identity
 
     async def detect(self, request: DetectRequest) -> DetectionResult:
         result = await self.detect_batch(request)
@@ -88,6 +95,7 @@ class Detector:
         n0 = now_ns()
         result = run_detection(self._detector, request.data, self._config, request.options, request.trace,
                                self._relandmarker)
+        result.config_id = self._identity
         _record_spans(request.trace, n0, now_ns(), result)
         self._metrics.faces_per_image.observe(len(result))
         self._metrics.observe_stages({"decode": result.timings_ms["decode"]})

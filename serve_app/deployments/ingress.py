@@ -17,14 +17,18 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app.api.app import create_app
 from serve_app.api.deps import Edge
+from serve_app.cached_pipeline import CachedPipeline
 from serve_app.deployment_config import IngressConfig
+from serve_app.embedding_cache import CacheConfig, EmbeddingCache, SubjectKeys
 from serve_app.gallery.access import AccessRepository
 from serve_app.gallery.erasures import ErasureRepository
 from serve_app.gallery.objects import ObjectStore
 from serve_app.gallery.repository import GalleryRepository, create_pool
+from serve_app.idempotency import Idempotency
 from serve_app.metrics import ServiceMetrics
 from serve_app.pipeline_client import PipelineClient
 from serve_app.quota import RequestQuota
+from serve_app.redis_store import RedisStore
 from serve_app.services.access import Authenticator
 from serve_app.services.erasure import ErasureService
 from serve_app.services.feedback import FeedbackService, ProbeCache
@@ -33,6 +37,8 @@ from serve_app.services.recognition import RecognitionService
 from serve_app.settings import Settings
 
 log = logging.getLogger("ray.serve")
+
+IDENTITY_REFRESH_S = 5.0
 
 
 def _calibration(model: str) -> Any:
@@ -67,7 +73,10 @@ class Ingress:
         self._settings = settings
         self._config = IngressConfig()
         self._metrics = ServiceMetrics(settings.metrics_enabled)
-        self._pipeline = PipelineClient(detector, embedder, liveness, matcher)
+        # The graph behind the embedding cache; Redis also keeps idempotency records.
+        redis = RedisStore(settings.redis_url) if settings.redis_url else None
+        self._pipeline = CachedPipeline(PipelineClient(detector, embedder, liveness, matcher), self._cache(redis))
+        self._models = asyncio.get_running_loop().create_task(self._follow_models())
         self._repo = GalleryRepository(await create_pool(
             settings.database_dsn(), min_size=settings.db_pool_min, max_size=settings.db_pool_max))
         info = await self._pipeline.embedder_info()
@@ -93,6 +102,8 @@ class Ingress:
             quota=RequestQuota(settings.redis_url) if settings.redis_url else None,
             ready=self._ready,
             observe_stages=self._metrics.observe_stages,
+            idempotency=self._idempotency(redis),
+            subject_keys=SubjectKeys(redis, prefix=settings.redis_prefix) if redis else None,
         )
         self._gauges = asyncio.get_running_loop().create_task(self._update_gauges())
         # Redis keys tied to a subject (embedding cache, idempotency records) go with its erasure.
@@ -104,6 +115,7 @@ class Ingress:
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         self._config = IngressConfig.model_validate(config)
+        self._apply_redis_config()
         self._pipeline.timeout_s = self._config.pipeline_timeout_s
         self._pipeline.retry_after_s = self._config.retry_after_s
         self._repo.acquire_timeout_s = self._config.db_acquire_timeout_s
@@ -111,6 +123,39 @@ class Ingress:
         self._erasure_repo.acquire_timeout_s = self._config.db_acquire_timeout_s
         self._edge.auth.set_bounds(stale_s=self._config.lookup_stale_s)
         self._edge.gallery.set_lookup_stale_s(self._config.lookup_stale_s)
+
+    def _cache(self, redis: RedisStore | None) -> EmbeddingCache | None:
+        if redis is None:
+            return None
+        return EmbeddingCache(redis, prefix=self._settings.redis_prefix,
+                              count=lambda result: self._metrics.embedding_cache.inc(tags={"result": result}))
+
+    def _idempotency(self, redis: RedisStore | None) -> Idempotency | None:
+        if redis is None:
+            return None
+        return Idempotency(redis, prefix=self._settings.redis_prefix,
+                           count=lambda result: self._metrics.idempotency.inc(tags={"result": result}))
+
+    def _apply_redis_config(self) -> None:
+        cfg = self._config
+        if self._pipeline.cache is not None:
+            self._pipeline.cache.config = CacheConfig(cfg.embedding_cache_ttl_s, cfg.embedding_cache_max_entry_bytes)
+        if self._edge.idempotency is not None:
+            self._edge.idempotency.ttl_s = cfg.idempotency_ttl_s
+            self._edge.idempotency.wait_s = cfg.idempotency_wait_s
+        if self._edge.subject_keys is not None:
+            self._edge.subject_keys.ttl_s = max(cfg.idempotency_ttl_s, cfg.embedding_cache_ttl_s)
+
+    async def _follow_models(self) -> None:
+        """What the detector and embedder run now (the cache's key part): at
+        start, then every IDENTITY_REFRESH_S (results met between refreshes
+        update it too)."""
+        while True:
+            try:
+                await asyncio.wait_for(self._pipeline.refresh_identity(), 10.0)
+            except Exception as exc:  # overloaded or restarting: keep what is known
+                log.info("embedding cache: model identity not refreshed (%s)", type(exc).__name__)
+            await asyncio.sleep(IDENTITY_REFRESH_S)
 
     async def _ready(self) -> dict[str, bool]:
         checks = await self._pipeline.ready()

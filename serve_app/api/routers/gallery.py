@@ -4,12 +4,13 @@ from __future__ import annotations
 import base64
 import uuid
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query
 
 from serve_app.api.body import as_bool
 from serve_app.api.deps import Admin, EdgeDep, EnrolCollection, Enroller, ImageReq, ReadCollection, Reader
+from serve_app.api.idempotent import IdempotencyKey, body_hash, idempotent
 from serve_app.api.openapi_bodies import IMAGE_BODY
 from serve_app.api.schemas import (
     CollectionIn,
@@ -62,12 +63,18 @@ async def create_collection(body: CollectionIn, edge: EdgeDep, who: Admin) -> Co
 
 
 @router.post("/subjects", response_model=SubjectOut, status_code=201)
-async def create_subject(body: SubjectIn, edge: EdgeDep, who: Enroller,
-                         collection: Annotated[str | None, Query(max_length=128)] = None) -> SubjectOut:
+async def create_subject(body: SubjectIn, edge: EdgeDep, who: Enroller, idempotency_key: IdempotencyKey = None,
+                         collection: Annotated[str | None, Query(max_length=128)] = None) -> Any:
     col = await edge.gallery.collection(body.collection or collection, tenant=who.tenant)
-    subject = await edge.gallery.create_subject(col, body.name, body.metadata)
-    await edge.audit(who, "subject.create", str(subject.id), collection=col.name)
-    return SubjectOut(**subject.to_dict())
+
+    async def work() -> tuple[SubjectOut, uuid.UUID, tuple[str, ...]]:
+        subject = await edge.gallery.create_subject(col, body.name, body.metadata)
+        await edge.audit(who, "subject.create", str(subject.id), collection=col.name)
+        return SubjectOut(**subject.to_dict()), subject.id, ()
+
+    return await idempotent(edge, who, idempotency_key, route="POST /v1/subjects", collection=col.name,
+                            content_hash=body_hash({"body": body.model_dump(mode="json")}), status=201,
+                            work=work)
 
 
 @router.get("/subjects", response_model=SubjectList)
@@ -129,18 +136,28 @@ async def get_erasure(erasure_id: Annotated[str, Path(max_length=64)], edge: Edg
 
 @router.post("/subjects/{subject_id}/faces", response_model=EnrolResponse, response_model_exclude_none=True,
              status_code=201, openapi_extra=IMAGE_BODY)
-async def enrol_face(subject_id: str, who: Enroller, req: ImageReq, edge: EdgeDep) -> EnrolResponse:
+async def enrol_face(subject_id: str, who: Enroller, req: ImageReq, edge: EdgeDep,
+                     idempotency_key: IdempotencyKey = None) -> Any:
     body = req.body
     col = await edge.gallery.collection(body.get("collection"), tenant=who.tenant)
     sid = parse_subject_id(subject_id)
     data = body.image("image", "file")
     policy = await edge.enrol_policy(body.get("liveness"), who)
-    result = await edge.gallery.enrol(col, sid, data, req.timer, largest=as_bool(body.get("largest"), "largest"),
-                                      policy=policy, min_quality=edge.config().enrol_min_quality)
-    await edge.audit(who, "face.add", str(result.face.id), collection=col.name, subject=subject_id, seq=result.seq)
-    face = FaceRecordOut(**result.face.to_dict(), liveness=liveness_out(result.analysis.liveness, result.index))
-    return EnrolResponse(face=face, seq=result.seq, faces_in_image=len(result.analysis.detection),
-                         timings_ms=req.timer.total())
+
+    async def work() -> tuple[EnrolResponse, uuid.UUID, tuple[str, ...]]:
+        result = await edge.gallery.enrol(col, sid, data, req.timer, largest=as_bool(body.get("largest"), "largest"),
+                                          policy=policy, min_quality=edge.config().enrol_min_quality)
+        await edge.audit(who, "face.add", str(result.face.id), collection=col.name, subject=subject_id,
+                         seq=result.seq)
+        face = FaceRecordOut(**result.face.to_dict(), liveness=liveness_out(result.analysis.liveness, result.index))
+        out = EnrolResponse(face=face, seq=result.seq, faces_in_image=len(result.analysis.detection),
+                            timings_ms=req.timer.total())
+        # The enrolment image's cache entry is this subject's data from now on.
+        return out, sid, (result.analysis.cache_key,) if result.analysis.cache_key else ()
+
+    return await idempotent(edge, who, idempotency_key, route=f"POST /v1/subjects/{sid}/faces",
+                            collection=col.name, content_hash=body_hash(body.fields, body.images), status=201,
+                            work=work, exclude_none=True)
 
 
 @router.get("/subjects/{subject_id}/faces", response_model=FaceList)
