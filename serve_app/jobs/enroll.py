@@ -28,8 +28,6 @@ from serve_app.jobs.report import Report
 from serve_app.jobs.sources import SourceError, list_items, segments
 
 log = logging.getLogger("faceserve.jobs.enroll")
-# The model the workers embed with (EnrolWorker checks it is what it loaded).
-EMBEDDER, EMBEDDER_DIM = "sface", 128
 READ_CPUS = 0.25
 
 
@@ -38,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--source", required=True, help="folder/prefix of <subject>/<images>, or a .csv/.jsonl manifest")
     p.add_argument("--collection", required=True)
     p.add_argument("--tenant", default="default")
+    p.add_argument("--model", default="sface",
+                   help="the embedder of a collection this job creates; an existing one is enrolled with its own")
     p.add_argument("--liveness", choices=["off", "flag", "block"], default="off")
     p.add_argument("--largest", action="store_true", help="enrol the largest face of a group photo")
     p.add_argument("--min-quality", type=float, default=0.5,
@@ -56,6 +56,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="with neither URL given: the data folder of `faceserve start` (embedded PostgreSQL, "
                         "objects under it), as an absolute path; the job's working folder is not yours")
     args = p.parse_args(argv)
+    from serve_app.deployment_config import EMBEDDER_NAMES
+
+    if args.model not in EMBEDDER_NAMES:
+        p.error(f"--model must be one of {', '.join(EMBEDDER_NAMES)}")
     _defaults_from_data_dir(args)
     if args.batch_size < 1 or args.concurrency < 0 or args.segment_size < 1 or args.cpus_per_worker <= 0:
         p.error("--batch-size and --segment-size must be >= 1, --concurrency >= 0, --cpus-per-worker > 0")
@@ -87,6 +91,8 @@ def _defaults_from_data_dir(args: argparse.Namespace) -> None:
 
 
 async def _ensure_collection(args: argparse.Namespace) -> None:
+    """Create the collection if missing; the workers embed with its model."""
+    from models.embedding import EMBEDDERS
     from serve_app.gallery.repository import GalleryRepository, create_pool
 
     pool = await create_pool(args.database_url, min_size=1, max_size=1)
@@ -96,10 +102,8 @@ async def _ensure_collection(args: argparse.Namespace) -> None:
         if found is None:
             if args.dry_run:
                 return
-            found = await repo.create_collection(args.collection, EMBEDDER, EMBEDDER_DIM, args.tenant)
-        if found.embedder != EMBEDDER:
-            raise SystemExit(f"collection {args.collection!r} holds {found.embedder} embeddings; "
-                             "this job enrols with sface (use serve_app.jobs.reembed for a model change)")
+            found = await repo.create_collection(args.collection, args.model, EMBEDDERS[args.model].dim, args.tenant)
+        args.model = found.embedder
     finally:
         await pool.close()
 
@@ -123,11 +127,11 @@ def run(args: argparse.Namespace) -> Report:
         args.concurrency = max(1, min(8, int((free - READ_CPUS) // args.cpus_per_worker)))
     print(f"{args.concurrency} model actors x {args.cpus_per_worker} CPU", flush=True)
     worker_kwargs = dict(database_url=args.database_url, object_store_url=args.object_store_url,
-                         collection=args.collection, tenant=args.tenant, liveness=args.liveness,
+                         collection=args.collection, tenant=args.tenant, model=args.model, liveness=args.liveness,
                          largest=args.largest, min_quality=args.min_quality, dry_run=args.dry_run,
                          models_dir=args.models_dir, threads=max(1, int(args.cpus_per_worker)))
     last = time.monotonic()
-    print(f"enrolling {args.source} into {args.tenant}/{args.collection}"
+    print(f"enrolling {args.source} into {args.tenant}/{args.collection} ({args.model})"
           + (" (dry run: nothing is written)" if args.dry_run else ""), flush=True)
     for n, chunk in enumerate(segments(list_items(args.source), args.segment_size)):
         print(f"segment {n}: {len(chunk)} images listed", flush=True)

@@ -1,10 +1,12 @@
-"""The bulk enrolment report: counts, and each rejected or failed image.
+"""The bulk jobs' reports: counts, and each rejected or failed image (face).
 
 Outcomes per image: enrolled, skipped (already in the gallery for that
 subject and model), rejected (the image itself is unusable: a reason code
 below) or failed (something outside the image went wrong: storage, the
 database; resubmitting retries it). Rejected and failed images are spooled
 to a temporary file, so the driver's memory does not grow with the source.
+ReembedReport is the re-embed job's (serve_app/jobs/reembed.py): one row
+per face, outcomes reembedded / skipped / rejected / failed.
 """
 from __future__ import annotations
 
@@ -29,18 +31,25 @@ class Outcome:
     detail: str = ""
 
     def __post_init__(self) -> None:
-        if self.status not in STATUSES:
-            raise ValueError(f"unknown status {self.status!r}")
-        if self.status == "rejected" and self.reason not in REASONS:
-            raise ValueError(f"unknown rejection reason {self.reason!r}")
+        _check(self.status, self.reason, STATUSES, REASONS)
 
     def to_row(self) -> dict[str, str]:
         return {"uri": self.uri, "subject": self.subject, "status": self.status,
                 "reason": self.reason, "detail": self.detail}
 
 
+def _check(status: str, reason: str, statuses: tuple[str, ...], reasons: tuple[str, ...]) -> None:
+    if status not in statuses:
+        raise ValueError(f"unknown status {status!r}")
+    if status == "rejected" and reason not in reasons:
+        raise ValueError(f"unknown rejection reason {reason!r}")
+
+
 @dataclass
 class Report:
+    STATUSES = STATUSES
+    REASONS = REASONS
+
     options: dict[str, Any]
     counts: Counter[str] = field(default_factory=Counter)
     reasons: Counter[str] = field(default_factory=Counter)
@@ -53,20 +62,22 @@ class Report:
         return sum(self.counts.values())
 
     def add(self, row: dict[str, str]) -> None:
-        out = Outcome(**{k: str(row.get(k, "") or "") for k in ("uri", "subject", "status", "reason", "detail")})
-        self.counts[out.status] += 1
-        if out.status == "enrolled" and out.reason == "spoof_flagged":
+        fields = {k: str(row.get(k, "") or "") for k in ("uri", "subject", "status", "reason", "detail")}
+        _check(fields["status"], fields["reason"], self.STATUSES, self.REASONS)
+        status, reason = fields["status"], fields["reason"]
+        self.counts[status] += 1
+        if status == "enrolled" and reason == "spoof_flagged":
             self.flagged_spoof += 1
-        if out.status in ("rejected", "failed"):
-            if out.status == "rejected":
-                self.reasons[out.reason] += 1
-            self._spool.write(json.dumps(out.to_row()) + "\n")
+        if status in ("rejected", "failed"):
+            if status == "rejected":
+                self.reasons[reason] += 1
+            self._spool.write(json.dumps(fields) + "\n")
 
     def summary(self) -> dict[str, Any]:
         elapsed = max(time.time() - self.started, 1e-9)
         return {
             "total": self.total,
-            **{s: self.counts[s] for s in STATUSES},
+            **{s: self.counts[s] for s in self.STATUSES},
             "rejected_by_reason": dict(sorted(self.reasons.items())),
             "flagged_spoof": self.flagged_spoof,
             "elapsed_s": round(elapsed, 2),
@@ -101,3 +112,30 @@ class Report:
         buf = io.BytesIO()
         self.write(buf)
         return json.loads(buf.getvalue())
+
+
+REEMBED_STATUSES = ("reembedded", "skipped", "rejected", "failed")
+# A face that cannot be re-embedded: no crop was stored with it, its crop is
+# not in object storage, the crop does not decode, or no face is found in it.
+REEMBED_REASONS = ("no_crop", "crop_missing", "unreadable", "no_face")
+
+
+@dataclass
+class ReembedReport(Report):
+    """The re-embed job's report: a row per face (uri = face id, subject =
+    subject id), plus what the switch did (`switch`)."""
+
+    STATUSES = REEMBED_STATUSES
+    REASONS = REEMBED_REASONS
+
+    switch: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        out = super().summary()
+        out.pop("flagged_spoof", None)
+        return {**out, **self.switch}
+
+    def progress_line(self) -> str:
+        s = Report.summary(self)
+        return (f"progress: {s['total']} faces ({s['reembedded']} re-embedded, {s['skipped']} skipped, "
+                f"{s['rejected']} rejected, {s['failed']} failed) {s['images_per_s']} faces/s")

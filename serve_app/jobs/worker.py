@@ -72,7 +72,7 @@ class Pending:
 class EnrolWorker:
     def __init__(self, *, database_url: str, object_store_url: str, collection: str, tenant: str,
                  liveness: str, largest: bool, min_quality: float, dry_run: bool,
-                 models_dir: str | None, threads: int = 1) -> None:
+                 models_dir: str | None, threads: int = 1, model: str = "sface") -> None:
         if models_dir:
             os.environ["FACE_MODELS_DIR"] = models_dir
         import cv2
@@ -88,7 +88,6 @@ class EnrolWorker:
         self.cfg = DetectorConfig()
         self.detector = make_detector(self.cfg.detector, score_threshold=self.cfg.score_threshold,
                                       min_face_size=self.cfg.min_face_size, max_side=self.cfg.max_side)
-        self.embedder = make_embedder("sface", intra_op_threads=threads)
         self.liveness_policy = liveness
         self.liveness = LivenessModel(num_threads=threads) if liveness != "off" else None
         self.live_threshold = DEFAULT_LIVE_THRESHOLD
@@ -97,10 +96,13 @@ class EnrolWorker:
         self.loop = asyncio.new_event_loop()
         self.repo = GalleryRepository(self.loop.run_until_complete(create_pool(database_url, min_size=1, max_size=2)))
         self.collection = self.loop.run_until_complete(self.repo.get_collection(collection, tenant))
-        if self.collection is not None and (self.collection.embedder, self.collection.dim) != (
-                self.embedder.name, self.embedder.dim):
-            raise RuntimeError(f"collection {collection!r} holds {self.collection.embedder} embeddings, "
-                               f"this worker runs {self.embedder.name}")
+        # The collection's own model (a re-embed may have moved it since the job started:
+        # then add_faces is refused, the batch fails, and a resubmission uses the new one).
+        name = self.collection.embedder if self.collection is not None else model
+        self.embedder = make_embedder(name, **({"intra_op_threads": threads} if name.startswith("sface") else {}))
+        if self.collection is not None and self.collection.dim != self.embedder.dim:
+            raise RuntimeError(f"collection {collection!r} holds {self.collection.dim}-d vectors, "
+                               f"{self.embedder.name}'s are {self.embedder.dim}-d")
         if self.collection is None and not dry_run:
             raise RuntimeError(f"collection {collection!r} of tenant {tenant!r} does not exist")
         self.fail_after = int(os.environ.get(FAIL_AFTER_ENV, "0") or 0)
