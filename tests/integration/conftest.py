@@ -48,10 +48,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if here in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.integration)
-    # The failover test runs its own three-node cluster, and the database
-    # outage drill its own app against a private PostgreSQL: run them before
-    # the session app exists, so two clusters or apps never share the ports.
-    first = {"test_failover.py": 0, "test_db_outage.py": 1}
+    # The failover test runs its own three-node cluster, and the database and
+    # Redis outage drills their own apps against a private PostgreSQL / Redis:
+    # run them before the session app exists, so two clusters or apps never
+    # share the ports.
+    first = {"test_failover.py": 0, "test_db_outage.py": 1, "test_redis_outage.py": 1}
     items.sort(key=lambda item: first.get(Path(str(item.fspath)).name, 2))
 
 
@@ -65,6 +66,7 @@ class LiveApp:
     ports: cluster.ClusterPorts
     workdir: Path
     traces: OTLPReceiver
+    redis_url: str = REDIS_URL
 
     def client(self, *, key: str | None = BOOTSTRAP_KEY, timeout: float = 120, **kw: Any) -> httpx.Client:
         headers = {"x-api-key": key} if key else {}
@@ -89,7 +91,7 @@ class LiveApp:
                 "database_url": self.database_url,
                 "object_store_url": f"file://{self.object_dir}",
                 "models_dir": str(MODELS_DIR),
-                "redis_url": REDIS_URL,
+                "redis_url": self.redis_url,
                 "api_key": BOOTSTRAP_KEY,
                 # snapshots are signed and verified (the restart test loads them)
                 "snapshot_key": "it-snapshot-signing-key",
@@ -103,7 +105,7 @@ class LiveApp:
 
 
 @contextlib.contextmanager
-def running_live_app(name: str, database_url: str | None = None) -> Iterator[LiveApp]:
+def running_live_app(name: str, database_url: str | None = None, redis_url: str | None = None) -> Iterator[LiveApp]:
     """A Ray head (unless one runs) + `serve deploy` on a fresh database named
     after ``name`` (or on ``database_url``, a server the caller owns);
     everything it started is torn down afterwards."""
@@ -116,6 +118,7 @@ def running_live_app(name: str, database_url: str | None = None) -> Iterator[Liv
         ports=PORTS,
         workdir=workdir,
         traces=OTLPReceiver().start(),
+        redis_url=redis_url or REDIS_URL,
     )
     started_ray = False
     try:

@@ -527,7 +527,8 @@ def traffic(live_app: LiveApp) -> dict[str, Any]:
         seq = 0
         for name in enrolled:
             r = client.post("/v1/subjects", json={"name": f"scrape-{name}-{uuid.uuid4().hex[:6]}",
-                                                  "collection": collection})
+                                                  "collection": collection},
+                            headers={"Idempotency-Key": uuid.uuid4().hex})  # ray_faceserve_idempotency_total
             assert r.status_code == 201, r.text
             r = _post_image(client, f"/v1/subjects/{r.json()['id']}/faces", ppl[name][0],
                             {"collection": collection, "liveness": "flag"})

@@ -64,7 +64,9 @@ def test_every_other_photo_is_identified_and_the_stranger_is_unknown(
                 assert face["decision"] == "match", (photo, face)
                 assert face["subject"]["id"] == gallery["subjects"][name], (photo, face)
                 assert face["subject"]["name"] == name
-            assert {"decode", "detect", "embed", "search", "total"} <= set(body["timings_ms"])
+            # a photo other tests sent before is answered from the embedding cache
+            stages = set(body["timings_ms"])
+            assert {"search", "total"} <= stages and ({"decode", "detect", "embed"} <= stages or "cache" in stages)
             checked += 1
     assert checked >= 8
 

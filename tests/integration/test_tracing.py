@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 
 import httpx
 
@@ -49,8 +50,9 @@ def test_identify_is_one_trace_across_every_deployment(live_app: LiveApp, client
 def test_incoming_traceparent_is_continued(live_app: LiveApp, client: httpx.Client) -> None:
     parent_trace = "4bf92f3577b34da6a3ce929d0e0e4736"
     header = f"00-{parent_trace}-00f067aa0ba902b7-01"
-    with (FACES_DIR / "people" / "obama" / "obama_1.jpg").open("rb") as fh:
-        r = client.post("/v1/detect", files={"image": fh}, headers={"traceparent": header})
+    # Bytes of its own after the picture: a new image to the embedding cache, so the detector runs.
+    image = (FACES_DIR / "people" / "obama" / "obama_1.jpg").read_bytes() + uuid.uuid4().bytes
+    r = client.post("/v1/detect", files={"image": ("obama_1.jpg", image)}, headers={"traceparent": header})
     assert r.status_code == 200
     assert r.headers["x-trace-id"] == parent_trace
     spans = _wait_for(live_app, parent_trace, {"POST /v1/detect", "Detector.detect"})
