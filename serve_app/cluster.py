@@ -43,12 +43,18 @@ class ClusterPorts:
         return f"http://{self.http_host}:{self.http}"
 
 
+PROXY_CALLBACK = "serve_app.api.proxy_admission:middlewares"
+
+
 def ray_env() -> dict[str, str]:
     env = dict(os.environ)
     # A local ray.init() can leave a token that silently switches later
     # clusters to token auth; say what we want.
     env.setdefault("RAY_AUTH_MODE", "disabled")
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Serve's proxies shed excess image requests before the Ray hop
+    # (serve_app/api/proxy_admission.py); k8s/base/config.yaml sets the same.
+    env.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", PROXY_CALLBACK)
     return env
 
 
