@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import faiss
@@ -432,6 +432,68 @@ class CollectionIndex:
             index = faiss.deserialize_index(np.frombuffer(payload, dtype=np.uint8))
         except Exception as exc:  # FAISS raises RuntimeError on malformed bytes
             raise IndexCorrupt(f"index snapshot payload does not deserialise: {exc}") from None
+        return cls._adopt(index, header), header["seq"]
+
+    # ------------------------------------------------ streamed snapshot parts
+    # For snapshots written straight to a stream (serve_app.gallery.index_snapshots):
+    # the faiss index goes through faiss's own writer/reader in bs-byte pieces,
+    # so no serialised copy of the whole index is ever held in memory.
+    @contextmanager
+    def frozen(self) -> Iterator[None]:
+        """No mutation until the block ends; the *_locked calls below need it."""
+        with self._lock.read():
+            yield
+
+    def meta_locked(self) -> dict:
+        return {"dim": self.dim, "metric": self.metric, "kind": self.kind, "nlist": self.nlist,
+                "nprobe": self._nprobe, "ntotal": int(self._index.ntotal)}
+
+    def write_faiss_locked(self, write: Callable[[bytes], object], bs: int = 1 << 20) -> None:
+        """faiss's own serialisation, handed to ``write`` in pieces of at most bs bytes."""
+        faiss.write_index(self._index, faiss.PyCallbackIOWriter(write, bs))
+
+    def iter_ids_locked(self, chunk: int = 65536) -> Iterator[np.ndarray]:
+        """The ids in storage order, ``chunk`` at a time, without copying them all."""
+        if self.kind == "flat":
+            n = int(self._index.ntotal)
+            if n:
+                view = faiss.rev_swig_ptr(self._index.id_map.data(), n)
+                for start in range(0, n, chunk):
+                    yield np.array(view[start : start + chunk], dtype=np.int64)
+            return
+        invlists = self._index.invlists
+        for list_no in range(self._index.nlist):
+            size = invlists.list_size(list_no)
+            if size:
+                ptr = invlists.get_ids(list_no)
+                try:
+                    yield faiss.rev_swig_ptr(ptr, size).astype(np.int64, copy=True)
+                finally:
+                    invlists.release_ids(list_no, ptr)
+
+    @classmethod
+    def read_faiss(cls, read: Callable[[int], bytes], meta: dict, bs: int = 1 << 20) -> CollectionIndex:
+        """Rebuild an index from faiss bytes pulled through ``read`` (which returns at
+        most the n bytes asked for); ``meta`` is meta_locked() of the writer, checked
+        against what faiss reads."""
+        for key, typ in {"dim": int, "metric": str, "kind": str, "nlist": int, "nprobe": int,
+                         "ntotal": int}.items():
+            if not isinstance(meta.get(key), typ) or isinstance(meta.get(key), bool):
+                raise IndexCorrupt(f"index snapshot header lacks a valid {key!r}")
+        if meta["kind"] not in KINDS or meta["metric"] not in METRICS:
+            raise IndexCorrupt(f"index snapshot has unknown kind/metric {meta['kind']!r}/{meta['metric']!r}")
+        if meta["dim"] < 1 or meta["nlist"] < 1 or meta["nprobe"] < 1 or meta["ntotal"] < 0:
+            raise IndexCorrupt("index snapshot header has out-of-range values")
+        try:
+            index = faiss.read_index(faiss.PyCallbackIOReader(read, bs))
+        except IndexCorrupt:
+            raise
+        except Exception as exc:  # FAISS raises RuntimeError on malformed or short input
+            raise IndexCorrupt(f"index snapshot payload does not deserialise: {exc}") from None
+        return cls._adopt(index, meta)
+
+    @classmethod
+    def _adopt(cls, index: faiss.Index, header: dict) -> CollectionIndex:
         expected = {
             "flat": faiss.IndexIDMap2, "ivf": faiss.IndexIVFFlat, "ivfsq8": faiss.IndexIVFScalarQuantizer,
         }[header["kind"]]
@@ -457,4 +519,4 @@ class CollectionIndex:
         obj._index = index
         if obj.kind in IVF_KINDS:
             index.nprobe = min(obj._nprobe, obj.nlist)
-        return obj, header["seq"]
+        return obj

@@ -46,7 +46,7 @@ from index.policy import BuildReport, IndexPolicy
 from serve_app.errors import InvalidRequest, ModelChanged, ServiceUnavailable
 from serve_app.messages import Hit
 
-from .index_snapshots import Anchor, CollectionSnapshot, SnapshotStore, encode
+from .index_snapshots import Anchor, CollectionSnapshot, SnapshotStore
 from .reembeds import ReembedRepository
 from .repository import CHANGES_CHANNEL, Change, Collection, GalleryRepository
 
@@ -629,11 +629,13 @@ class GalleryIndex:
             if seq and anchor is None:
                 raise RuntimeError(f"change-log entry {seq} is missing")
             counted = self.pending.get(cid, 0)
-            # Under the lock (no apply can interleave) but off the event loop;
-            # searches only need the index's read lock, which this shares.
-            blob = await asyncio.to_thread(encode, cid, seq, anchor, self.indexes[cid].current, self.subject_of,
-                                           self.snapshots.signing_key)  # unsigned, no replica would load it
-        key = await asyncio.to_thread(self.snapshots.write_blob, cid, seq, blob, floor)
+            # Streamed straight from the live index to object storage (bounded
+            # memory: no serialised copy), so under the lock -- no apply can
+            # interleave, and the log waits for the upload -- but off the event
+            # loop; searches only need the index's read lock, which this shares.
+            # Unsigned without a snapshot key: no replica with a key would load it.
+            key, size = await asyncio.to_thread(self.snapshots.write_streamed, cid, seq, anchor,
+                                                self.indexes[cid].current, self.subject_of, floor)
         # An erasure committed while this one was written makes it stale at
         # once: prune below the erasure again (this snapshot included).
         _, floor_now = await self.repo.snapshot_floor(cid)
@@ -641,7 +643,7 @@ class GalleryIndex:
             await asyncio.to_thread(self.snapshots.prune, cid, floor_now)
         self.pending[cid] = self.pending.get(cid, 0) - counted
         self.snapshot_seq[cid] = seq
-        log.info("wrote index snapshot %s (%d bytes)", key, len(blob))
+        log.info("wrote index snapshot %s (%d bytes)", key, size)
         return key
 
     # ------------------------------------------------------------- rebuilds

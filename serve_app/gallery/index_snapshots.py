@@ -1,32 +1,47 @@
-"""Per-collection index snapshots in object storage.
+"""Per-collection index snapshots in object storage, streamed in bounded memory.
 
-One object per snapshot, ``index-snapshots/<collection_id>/<seq:020d>.snap``:
+One object per snapshot, ``index-snapshots/<collection_id>/<seq:020d>.snap``,
+written (format 2) as an ``index.streaming`` frame stream:
 
-    MAGIC | uint16 format | uint32 header length | JSON header | body
-    body = CollectionIndex.snapshot(seq) | face ids (int64 LE) | subject uuids (16 B each)
+    MAGIC | uint16 format | uint32 header length | JSON header | frames
+    payload = faiss index (faiss's own writer) | per face: id (int64 LE) + subject uuid (16 B)
 
 The header names the collection, the seq, the change-log entry at that seq
 (the *anchor*, so a snapshot left behind by another database is recognised
-as foreign) and the body's length and sha256. Index and mapping travel in
-one object, so they always come from the same seq; the checksum makes a
-truncated or half-written object unreadable rather than wrong, and
-``ObjectStore.put_atomic`` keeps half-written objects out of sight anyway.
+as foreign), the face count and the index's kind/dim/metric. Every 1 MiB
+frame carries a sha256 chain digest over the header and all bytes before it
+and, with a snapshot key, an HMAC of that digest: a reader verifies each
+frame before faiss or the mapping parser sees its bytes, and refuses a
+tampered, reordered, truncated or unsigned stream with IndexCorrupt. Index
+and mapping travel in one object, so they always come from the same seq.
+
+Neither side holds the serialised snapshot: the writer streams faiss's
+output through frames into ``ObjectStore.open_write_atomic`` (a temp file
+renamed into place, or an S3 multipart upload completed only on success),
+the reader pulls frames from ``ObjectStore.open_read`` into faiss's reader.
+Extra memory is a few MiB (a frame, the S3 part buffer, a batch of the
+mapping) beyond the index and the id->subject map themselves.
+
+Format 1 (one blob: header with body length and sha256/HMAC, then the body)
+is still read, whole, so snapshots written before format 2 stay usable.
 The newest ``keep`` snapshots per collection are kept, older ones deleted.
 """
 from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import json
 import logging
 import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import numpy as np
 
-from index import framing
+from index import framing, streaming
 from index.collection_index import CollectionIndex
 from index.framing import IndexCorrupt
 
@@ -35,7 +50,10 @@ from .objects import ObjectStore
 log = logging.getLogger(__name__)
 
 _MAGIC = b"FSCSNAP\x00"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # streamed frames; 1 (one blob) is still read
+FORMAT_V1 = 1
+_BATCH = 65536  # faces per mapping batch (1.5 MiB)
+_MAPPING = np.dtype([("id", "<i8"), ("subject", "V16")])
 _MAX_HEADER = 64 * 1024
 _NAME = re.compile(r"^(\d{20})\.snap$")
 _TMP = re.compile(r"^(\d{20})\.snap\.tmp-[0-9a-f]+$")
@@ -53,7 +71,7 @@ class CollectionSnapshot:
     anchor: Anchor | None = None  # None only for seq 0
 
 
-def encode(
+def encode_v1(
     collection_id: int,
     seq: int,
     anchor: Anchor | None,
@@ -70,7 +88,7 @@ def encode(
     subjects = b"".join(subject_of[int(f)].bytes for f in face_ids)
     body = b"".join([index_bytes, face_ids.tobytes(), subjects])
     header = {
-        "format": FORMAT_VERSION,
+        "format": FORMAT_V1,
         "collection_id": int(collection_id),
         "seq": int(seq),
         "anchor": list(anchor) if anchor is not None else None,
@@ -81,7 +99,7 @@ def encode(
     }
     if signing_key:
         header["hmac"] = _sign(signing_key, header)
-    return framing.pack(_MAGIC, FORMAT_VERSION, header, body)
+    return framing.pack(_MAGIC, FORMAT_V1, header, body)
 
 
 def _sign(key: bytes, header: dict) -> str:
@@ -89,12 +107,12 @@ def _sign(key: bytes, header: dict) -> str:
     return hmac.new(key, json.dumps(fields, sort_keys=True).encode(), hashlib.sha256).hexdigest()
 
 
-def decode(data: bytes, *, collection_id: int | None = None, seq: int | None = None,
-           signing_key: bytes | None = None) -> CollectionSnapshot:
-    """Parse and fully validate a blob; IndexCorrupt for anything not whole and ours
+def decode_v1(data: bytes, *, collection_id: int | None = None, seq: int | None = None,
+              signing_key: bytes | None = None) -> CollectionSnapshot:
+    """Parse and fully validate a format-1 blob; IndexCorrupt for anything not whole and ours
     (with a signing key: anything not signed with it)."""
     header, body = framing.unpack(
-        data, magic=_MAGIC, version=FORMAT_VERSION, what="collection snapshot", max_header=_MAX_HEADER
+        data, magic=_MAGIC, version=FORMAT_V1, what="collection snapshot", max_header=_MAX_HEADER
     )
     if signing_key and not hmac.compare_digest(str(header.get("hmac", "")), _sign(signing_key, header)):
         raise IndexCorrupt("collection snapshot is not signed with this deployment's snapshot key")
@@ -134,6 +152,120 @@ def decode(data: bytes, *, collection_id: int | None = None, seq: int | None = N
     )
 
 
+def write_stream(
+    out: BinaryIO,
+    collection_id: int,
+    seq: int,
+    anchor: Anchor | None,
+    index: CollectionIndex,
+    subject_of: dict[int, uuid.UUID],
+    signing_key: bytes | None = None,
+    frame_size: int = streaming.FRAME_SIZE,
+) -> int:
+    """Stream one collection's snapshot into ``out``; returns the bytes written.
+    subject_of must cover every id in index. The index takes no mutation
+    while this runs (its read lock is held: searches go on)."""
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+        raise ValueError(f"seq must be a non-negative integer, got {seq!r}")
+    with index.frozen():
+        meta = index.meta_locked()
+        header = {
+            "format": FORMAT_VERSION,
+            "collection_id": int(collection_id),
+            "seq": int(seq),
+            "anchor": list(anchor) if anchor is not None else None,
+            "faces": meta["ntotal"],
+            "index": meta,
+        }
+        w = streaming.FrameWriter(out, _MAGIC, FORMAT_VERSION, header, signing_key, frame_size)
+        index.write_faiss_locked(w.write, frame_size)
+        faces = 0
+        for ids in index.iter_ids_locked(_BATCH):
+            rec = np.empty(ids.size, _MAPPING)
+            rec["id"] = ids
+            rec["subject"] = np.frombuffer(b"".join(subject_of[f].bytes for f in ids.tolist()), "V16")
+            w.write(rec.tobytes())
+            faces += ids.size
+        if faces != meta["ntotal"]:
+            raise RuntimeError("index changed while its snapshot was written")
+        w.finish()
+    return w.total_len
+
+
+def read_stream(src: BinaryIO, *, collection_id: int | None = None, seq: int | None = None,
+                signing_key: bytes | None = None) -> CollectionSnapshot:
+    """Read and fully validate one snapshot from ``src`` (format 2 streamed,
+    format 1 whole); IndexCorrupt for anything not whole and ours (with a
+    signing key: anything not signed with it)."""
+    version, prefix = streaming.read_prefix(src, _MAGIC, "collection snapshot")
+    if version == FORMAT_V1:
+        return decode_v1(prefix + src.read(), collection_id=collection_id, seq=seq, signing_key=signing_key)
+    r = streaming.FrameReader(src, _MAGIC, FORMAT_VERSION, "collection snapshot", signing_key,
+                              _MAX_HEADER, prefix=prefix)
+    header = r.header
+    for key in ("collection_id", "seq", "faces"):
+        if not isinstance(header.get(key), int) or isinstance(header[key], bool) or header[key] < 0:
+            raise IndexCorrupt(f"collection snapshot header lacks a valid {key!r}")
+    if not isinstance(header.get("index"), dict) or header["index"].get("ntotal") != header["faces"]:
+        raise IndexCorrupt("collection snapshot header lacks a valid 'index'")
+    if collection_id is not None and header["collection_id"] != collection_id:
+        raise IndexCorrupt(f"snapshot is for collection {header['collection_id']}, expected {collection_id}")
+    if seq is not None and header["seq"] != seq:
+        raise IndexCorrupt(f"snapshot header says seq {header['seq']}, its name says {seq}")
+    failure: list[BaseException] = []
+
+    def pull(n: int) -> bytes:  # faiss swallows the exception's type: keep it
+        try:
+            return r.read(n)
+        except IndexCorrupt as exc:
+            failure.append(exc)
+            raise
+
+    try:
+        index = CollectionIndex.read_faiss(pull, header["index"])
+    except IndexCorrupt:
+        if failure:
+            raise failure[0] from None
+        raise
+    n = header["faces"]
+    interned: dict[bytes, uuid.UUID] = {}  # many faces share a subject: one object each
+    subject_of: dict[int, uuid.UUID] = {}
+    with index.frozen():
+        for expected in index.iter_ids_locked(_BATCH):
+            rec = np.frombuffer(r.read_exact(expected.size * _MAPPING.itemsize, "face mapping"), _MAPPING)
+            if not np.array_equal(rec["id"], expected):
+                raise IndexCorrupt("collection snapshot mapping disagrees with its index")
+            for fid, raw in zip(rec["id"].tolist(), rec["subject"].tolist()):
+                sub = interned.get(raw)
+                if sub is None:
+                    sub = interned[raw] = uuid.UUID(bytes=bytes(raw))
+                subject_of[fid] = sub
+    r.finish()
+    if len(subject_of) != n:
+        raise IndexCorrupt("collection snapshot mapping does not match its face count")
+    anchor = header.get("anchor")
+    return CollectionSnapshot(
+        header["collection_id"], header["seq"], index, subject_of,
+        tuple(anchor) if isinstance(anchor, list) else None,  # type: ignore[arg-type]
+    )
+
+
+def encode(collection_id: int, seq: int, anchor: Anchor | None, index: CollectionIndex,
+           subject_of: dict[int, uuid.UUID], signing_key: bytes | None = None) -> bytes:
+    """write_stream into memory (tests, small collections)."""
+    buf = io.BytesIO()
+    write_stream(buf, collection_id, seq, anchor, index, subject_of, signing_key)
+    return buf.getvalue()
+
+
+def decode(data: bytes, *, collection_id: int | None = None, seq: int | None = None,
+           signing_key: bytes | None = None) -> CollectionSnapshot:
+    """read_stream from bytes (either format)."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise IndexCorrupt(f"collection snapshot must be bytes, got {type(data).__name__}")
+    return read_stream(io.BytesIO(data), collection_id=collection_id, seq=seq, signing_key=signing_key)
+
+
 class SnapshotStore:
     """Write, list, read and prune collection snapshots (blocking: call from a thread)."""
 
@@ -168,9 +300,18 @@ class SnapshotStore:
                 seqs.append(int(m.group(1)))
         return sorted(seqs, reverse=True)
 
-    def write(self, snap: CollectionSnapshot) -> str:
-        blob = encode(snap.collection_id, snap.seq, snap.anchor, snap.index, snap.subject_of, self.signing_key)
-        return self.write_blob(snap.collection_id, snap.seq, blob)
+    def write(self, snap: CollectionSnapshot, floor: int = 0) -> str:
+        return self.write_streamed(snap.collection_id, snap.seq, snap.anchor, snap.index, snap.subject_of,
+                                   floor)[0]
+
+    def write_streamed(self, collection_id: int, seq: int, anchor: Anchor | None, index: CollectionIndex,
+                       subject_of: dict[int, uuid.UUID], floor: int = 0) -> tuple[str, int]:
+        """Stream a snapshot into place, then prune; (key, bytes written)."""
+        key = self.key(collection_id, seq)
+        with self.objects.open_write_atomic(key) as out:
+            size = write_stream(out, collection_id, seq, anchor, index, subject_of, self.signing_key)
+        self.prune(collection_id, floor)
+        return key, size
 
     def write_blob(self, collection_id: int, seq: int, blob: bytes, floor: int = 0) -> str:
         key = self.key(collection_id, seq)
@@ -179,8 +320,8 @@ class SnapshotStore:
         return key
 
     def read(self, collection_id: int, seq: int) -> CollectionSnapshot:
-        return decode(self.objects.get(self.key(collection_id, seq)), collection_id=collection_id, seq=seq,
-                      signing_key=self.signing_key)
+        with self.objects.open_read(self.key(collection_id, seq)) as src:
+            return read_stream(src, collection_id=collection_id, seq=seq, signing_key=self.signing_key)
 
     def load_newest(
         self,

@@ -1,4 +1,4 @@
-"""Object storage for face crops (and later index snapshots) through fsspec.
+"""Object storage for face crops and index snapshots through fsspec.
 
 The URL picks the backend: file:///path (the embedded default) or
 s3://bucket/prefix via s3fs (MinIO in production). Calls are blocking in
@@ -11,6 +11,9 @@ import logging
 import os
 import posixpath
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import BinaryIO
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -54,6 +57,50 @@ class ObjectStore:
         except BaseException:
             self.delete(tmp)
             raise
+
+    @contextmanager
+    def open_write_atomic(self, key: str, block_size: int = 8 << 20) -> Iterator[BinaryIO]:
+        """A file object to stream one object into; it appears whole when the
+        block ends without an exception, and not at all otherwise.
+
+        Local: written as ``<key>.tmp-<hex>`` and renamed into place. S3: a
+        multipart upload in block_size parts (the buffer held is one part;
+        S3 wants at least 5 MiB), completed on close and aborted on error;
+        a small object is one PUT.
+        """
+        if _is_local(self.fs):
+            tmp = f"{key}.tmp-{uuid.uuid4().hex}"
+            path = self._path(tmp)
+            self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+            try:
+                with open(path, "wb") as f:
+                    yield f
+                self.fs.mv(path, self._path(key))
+            except BaseException:
+                self.delete(tmp)
+                raise
+            return
+        f = self.fs.open(self._path(key), "wb", block_size=max(block_size, 5 << 20))
+        try:
+            yield f
+        except BaseException:
+            try:
+                f.discard()  # abort the multipart upload: nothing becomes visible
+            finally:
+                f.closed = True  # so that garbage collection does not close (= commit) it
+            raise
+        f.close()
+
+    @contextmanager
+    def open_read(self, key: str, block_size: int = 4 << 20) -> Iterator[BinaryIO]:
+        """A file object to stream one object from (S3: ranged reads of block_size)."""
+        path = self._path(key)
+        if _is_local(self.fs):
+            with open(path, "rb") as f:
+                yield f
+            return
+        with self.fs.open(path, "rb", block_size=block_size, cache_type="readahead") as f:
+            yield f
 
     def get(self, key: str) -> bytes:
         return self.fs.cat_file(self._path(key))

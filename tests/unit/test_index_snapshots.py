@@ -145,16 +145,25 @@ def test_signed_snapshots_refuse_unsigned_and_forged_ones(tmp_path: Path) -> Non
     with pytest.raises(IndexCorrupt, match="not signed"):
         decode(encode(snap.collection_id, snap.seq, snap.anchor, snap.index, snap.subject_of, b"x" * 32),
                signing_key=key)
-    # a forger who rewrites the header (and its checksum) cannot recompute the HMAC
-    other = _snapshot(5, seed=3)
-    forged = encode(other.collection_id, other.seq, other.anchor, other.index, other.subject_of)
+    # a forger who rewrites an unsigned stream's header to claim it is signed
+    # cannot produce the HMACs its frames then need
+    unsigned_v = bytearray(unsigned)
+    at = unsigned_v.index(b'"signed": false')
+    unsigned_v[at : at + 15] = b'"signed":  true'
+    with pytest.raises(IndexCorrupt):
+        decode(bytes(unsigned_v), signing_key=key)
+    # format 1 (one blob, HMAC in its header): still read, still checked
     from index import framing
     from serve_app.gallery import index_snapshots as S
 
-    header, body = framing.unpack(forged, magic=S._MAGIC, version=S.FORMAT_VERSION, what="x")
-    header["hmac"] = framing.unpack(signed, magic=S._MAGIC, version=S.FORMAT_VERSION, what="x")[0]["hmac"]
+    other = _snapshot(5, seed=3)
+    forged = S.encode_v1(other.collection_id, other.seq, other.anchor, other.index, other.subject_of)
+    signed_v1 = S.encode_v1(snap.collection_id, snap.seq, snap.anchor, snap.index, snap.subject_of, key)
+    _same(decode(signed_v1, signing_key=key), snap)
+    header, body = framing.unpack(forged, magic=S._MAGIC, version=S.FORMAT_V1, what="x")
+    header["hmac"] = framing.unpack(signed_v1, magic=S._MAGIC, version=S.FORMAT_V1, what="x")[0]["hmac"]
     with pytest.raises(IndexCorrupt):
-        decode(framing.pack(S._MAGIC, S.FORMAT_VERSION, header, bytes(body)), signing_key=key)
+        decode(framing.pack(S._MAGIC, S.FORMAT_V1, header, bytes(body)), signing_key=key)
     # the store signs what it writes and falls back past what it cannot verify
     store = SnapshotStore(ObjectStore(f"file://{tmp_path}/objects"), signing_key=key)
     store.write(snap)
