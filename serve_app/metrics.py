@@ -150,6 +150,20 @@ class ServiceMetrics:
             description="Seconds since this matcher replica's last sync that reached the end of the change log.",
         )
 
+    @cached_property
+    def erasure_outbox_due(self) -> serve_metrics.Gauge:
+        return serve_metrics.Gauge(
+            "faceserve_erasure_outbox_due",
+            description="Erasure outbox rows owed (unfinished erasure copies, orphaned crops past their grace).",
+        )
+
+    @cached_property
+    def erasure_outbox_oldest(self) -> serve_metrics.Gauge:
+        return serve_metrics.Gauge(
+            "faceserve_erasure_outbox_oldest_seconds",
+            description="Seconds the oldest owed erasure outbox row has been owed (0 when none).",
+        )
+
     def observe_stages(self, timings_ms: dict[str, float]) -> None:
         for stage, ms in timings_ms.items():
             self.stage_latency.observe(float(ms), tags={"stage": stage})

@@ -86,7 +86,7 @@ class Ingress:
         await gallery.collection(settings.default_collection, create=True)
         # Erasures: the outbox sweeper runs here (why: serve_app/services/erasure.py).
         self._erasure_repo = ErasureRepository(self._repo.pool)
-        gallery.erasures = ErasureService(self._erasure_repo, gallery.objects)
+        gallery.erasures = ErasureService(self._erasure_repo, gallery.objects, on_backlog=self._erasure_backlog)
         self._access = AccessRepository(self._repo.pool)
         bootstrap = settings.api_key.get_secret_value().encode() if settings.api_key else None
         probes = ProbeCache()
@@ -123,6 +123,10 @@ class Ingress:
         self._erasure_repo.acquire_timeout_s = self._config.db_acquire_timeout_s
         self._edge.auth.set_bounds(stale_s=self._config.lookup_stale_s)
         self._edge.gallery.set_lookup_stale_s(self._config.lookup_stale_s)
+
+    def _erasure_backlog(self, due: int, oldest_s: float) -> None:
+        self._metrics.erasure_outbox_due.set(float(due))
+        self._metrics.erasure_outbox_oldest.set(min(oldest_s, 1e9))
 
     def _cache(self, redis: RedisStore | None) -> EmbeddingCache | None:
         if redis is None:

@@ -245,6 +245,23 @@ class ErasureRepository:
                 "UPDATE object_outbox SET not_before = now() + make_interval(secs => $2), last_error = $3 "
                 "WHERE id = $1 AND done_at IS NULL", item.id, float(delay_s), error[:1000])
 
+    async def backlog(self, guard_grace_s: float) -> tuple[int, float]:
+        """(rows owed, seconds the oldest has been owed): every unfinished
+        erasure row (due, backing off after a failure, or being worked) since
+        it was written, and every enrolment guard past its grace (an orphaned
+        crop) since the grace ended. Guards still in their grace are not owed."""
+        async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
+            row = await conn.fetchrow(
+                """SELECT count(*) AS n,
+                          EXTRACT(EPOCH FROM now() - min(CASE WHEN erasure_id IS NULL
+                                                         THEN created_at + make_interval(secs => $1)
+                                                         ELSE created_at END))::float8 AS oldest
+                   FROM object_outbox
+                   WHERE done_at IS NULL
+                     AND (erasure_id IS NOT NULL OR created_at + make_interval(secs => $1) <= now())""",
+                float(guard_grace_s))
+        return int(row["n"]), max(0.0, float(row["oldest"] or 0.0))
+
     async def pending(self) -> int:
         """Outbox rows not yet done (guards included)."""
         async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:

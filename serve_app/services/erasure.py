@@ -62,6 +62,7 @@ class ErasurePort(Protocol):
     async def progress(self, item: OutboxItem, removed: int) -> None: ...
     async def retry_later(self, item: OutboxItem, delay_s: float, error: str) -> None: ...
     async def receipt(self, erasure_id: uuid.UUID, tenant: str | None) -> Receipt | None: ...
+    async def backlog(self, guard_grace_s: float) -> tuple[int, float]: ...
 
 
 class StorePort(Protocol):
@@ -98,8 +99,13 @@ class SweeperConfig:
 
 class ErasureService:
     def __init__(self, repo: ErasurePort, store: StorePort, cache: CacheEraser | None = None,
-                 config: SweeperConfig | None = None) -> None:
+                 config: SweeperConfig | None = None,
+                 on_backlog: Callable[[int, float], None] | None = None) -> None:
         self.repo = repo
+        # Told (rows owed, age of the oldest in s) after each pass of run(),
+        # at most every interval_s: the metrics behind the ErasureBacklog alert.
+        self.on_backlog = on_backlog
+        self._backlog_at = float("-inf")
         self.store = store
         self.cache = cache
         self.config = config or SweeperConfig()
@@ -160,12 +166,29 @@ class ErasureService:
             except Exception:  # Postgres unreachable: nothing can be claimed; try again later
                 log.warning("erasure sweep failed; retrying in %ss", self.config.interval_s, exc_info=True)
                 n = 0
+            await self.report_backlog()
             if n < self.config.batch:
                 try:
                     await asyncio.wait_for(self._wake.wait(), self.config.interval_s)
                 except asyncio.TimeoutError:
                     pass
                 self._wake.clear()
+
+    async def report_backlog(self, force: bool = False) -> tuple[int, float] | None:
+        """Ask the outbox how much is owed and tell on_backlog (every
+        interval_s at most, unless forced); None when not asked or Postgres
+        cannot say (the gauges then keep their last value)."""
+        now = time.monotonic()
+        if self.on_backlog is None or (not force and now - self._backlog_at < self.config.interval_s):
+            return None
+        self._backlog_at = now
+        try:
+            due, oldest = await self.repo.backlog(self.config.guard_grace_s)
+        except Exception:
+            log.warning("could not read the erasure outbox backlog", exc_info=True)
+            return None
+        self.on_backlog(due, oldest)
+        return due, oldest
 
     async def sweep_once(self, erasure_id: uuid.UUID | None = None) -> int:
         """Claim due rows (of one erasure, or any) and work them; the number claimed."""

@@ -143,3 +143,46 @@ async def test_collection_erasure_lists_whole_prefixes(repo: GalleryRepository, 
     assert receipt is not None and receipt.complete and receipt.kind == "collection"
     assert objects.list_keys("crops") == [f"crops/{other.id}/keep.jpg"] and objects.list_keys("index-snapshots") == []
     assert await repo.snapshot_floor(col.id) == (False, removed.seq)
+
+
+async def test_backlog_counts_owed_rows_and_the_oldest_age(repo: GalleryRepository, tmp_path: Path) -> None:
+    """What the ErasureBacklog alert reads: unfinished erasure rows since they
+    were written (also while backing off after failures), guards only past
+    their grace; nothing once the sweeper is done."""
+    objects = ObjectStore(f"file://{tmp_path}")
+    erasures = ErasureRepository(repo.pool)
+    seen: list[tuple[int, float]] = []
+    sweeper = ErasureService(erasures, objects, config=SweeperConfig(base_backoff_s=0.05, max_backoff_s=0.2),
+                             on_backlog=lambda n, age: seen.append((n, age)))
+    assert await erasures.backlog(600) == (0, 0.0)
+    col = await repo.create_collection("c", "m", 8)
+    ada = await repo.create_subject(col, "ada")
+    g = await erasures.guard(f"crops/{col.id}/{ada.id}/1.jpg", grace_s=600)  # an enrolment in flight
+    assert (await erasures.backlog(600))[0] == 0
+    await _face(repo, col, ada.id, 1, objects, guard_id=g)
+    await _face(repo, col, ada.id, 2, objects)
+    # Storage broken: the erasure's rows fail and back off, and stay owed.
+    (tmp_path / "crops").rename(tmp_path / "aside")
+    (tmp_path / "crops").write_bytes(b"not a directory")
+    await repo.delete_subject(col, ada.id, requested_by="k1")
+    await sweeper.sweep_once()
+    async with repo.pool.acquire() as conn:
+        await conn.execute("UPDATE object_outbox SET created_at = now() - interval '1 hour'")
+    n, oldest = await erasures.backlog(600)
+    assert n >= 2 and 3590 < oldest < 3700  # the two crops, the prefix at least
+    got = await sweeper.report_backlog()  # the first report is not throttled
+    assert got is not None and got[0] == n and seen == [got] and got[1] >= oldest
+    assert await sweeper.report_backlog() is None and len(seen) == 1  # throttled to interval_s
+    # An orphaned crop's guard counts from the end of its grace.
+    await erasures.guard(f"crops/{col.id}/x/9.jpg", grace_s=0)
+    assert (await erasures.backlog(0))[0] == n + 1
+    # Storage back: the sweeper finishes, nothing is owed.
+    (tmp_path / "crops").unlink()
+    (tmp_path / "aside").rename(tmp_path / "crops")
+    for _ in range(60):
+        await asyncio.sleep(0.1)
+        await sweeper.sweep_once()
+        if (await erasures.backlog(0))[0] == 0:
+            break
+    assert await erasures.backlog(0) == (0, 0.0)
+    assert await sweeper.report_backlog(force=True) == (0, 0.0) and seen[-1] == (0, 0.0)

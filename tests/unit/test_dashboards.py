@@ -253,6 +253,6 @@ def test_alert_rules_evaluate_without_errors(prom):
         if rules and all(r.get("health") != "unknown" for r in rules):  # all evaluated
             break
         time.sleep(0.2)
-    assert len(rules) == 8, rules
+    assert len(rules) == 9, rules
     bad = {r["name"]: r.get("lastError") for r in rules if r.get("health") != "ok"}
     assert not bad, bad

@@ -46,6 +46,7 @@ EXPECTED_ALERTS = {
     "DBPoolExhausted": "warning",
     "RedisMemoryHigh": "warning",
     "MatcherStale": "critical",
+    "ErasureBacklog": "warning",
 }
 
 
@@ -213,3 +214,20 @@ def test_promql_name_scanner():
     )
     assert metric_names(expr) == {"a_bucket", "c_total", "d", "e:rec"}
     assert label_names(expr) == {"application", "le", "route", "x", "y"}
+
+
+def test_erasure_backlog_reads_the_sweepers_gauge():
+    """Without promtool too: the rule reads the gauge the sweeper sets
+    (serve_app/metrics.py, named with Ray's ray_ prefix), aggregated over
+    the Ingress replicas that all report the same table."""
+    from serve_app.metrics import ServiceMetrics
+
+    expr = _alerts()["ErasureBacklog"]["expr"]
+    assert metric_names(expr) == {"ray_faceserve_erasure_outbox_oldest_seconds"}
+    assert "max by (application)" in expr and re.search(r">\s*900\b", expr)
+    src = (REPO / "serve_app" / "metrics.py").read_text()
+    assert '"faceserve_erasure_outbox_oldest_seconds"' in src and '"faceserve_erasure_outbox_due"' in src
+    assert {"erasure_outbox_due", "erasure_outbox_oldest"} <= set(vars(ServiceMetrics))
+    catalog = catalog_metrics()
+    for name in ("ray_faceserve_erasure_outbox_due", "ray_faceserve_erasure_outbox_oldest_seconds"):
+        assert catalog[name]["type"] == "gauge" and catalog[name]["labels"]["deployment"] == ["Ingress"]
