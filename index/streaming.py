@@ -198,3 +198,31 @@ def _read_exact(src: BinaryIO, n: int) -> bytes:
         parts.append(chunk)
         n -= len(chunk)
     return b"".join(parts)
+
+
+def payload_of(data: bytes, magic: bytes, version: int) -> bytes:
+    """The payload of a stream in ``data`` with its frames joined, checking
+    nothing: for scans that must not miss a byte string split across two
+    frames (the erasure proof that no erased vector remains in a snapshot).
+    A truncated stream gives what it has; anything that is not a stream of
+    this version comes back unchanged."""
+    start = len(magic) + _PREFIX.size
+    if len(data) < start or data[: len(magic)] != magic:
+        return data
+    found, hlen = _PREFIX.unpack(data[len(magic) : start])
+    try:
+        signed = bool(json.loads(data[start : start + hlen].decode("utf-8")).get("signed"))
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return data
+    if found != version:
+        return data
+    tag = _DIGEST * (2 if signed else 1)
+    pos, parts = start + hlen, []
+    while pos + _LEN.size <= len(data):
+        (raw,) = _LEN.unpack(data[pos : pos + _LEN.size])
+        n = raw & ~_FINAL
+        parts.append(data[pos + _LEN.size : pos + _LEN.size + n])
+        pos += _LEN.size + n + tag
+        if raw & _FINAL:
+            break
+    return b"".join(parts)

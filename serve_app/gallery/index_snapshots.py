@@ -266,6 +266,12 @@ def decode(data: bytes, *, collection_id: int | None = None, seq: int | None = N
     return read_stream(io.BytesIO(data), collection_id=collection_id, seq=seq, signing_key=signing_key)
 
 
+def payload_of(data: bytes) -> bytes:
+    """A snapshot object's payload, frames joined, unchecked (for byte scans;
+    format 1 and anything else unchanged)."""
+    return streaming.payload_of(data, _MAGIC, FORMAT_VERSION)
+
+
 class SnapshotStore:
     """Write, list, read and prune collection snapshots (blocking: call from a thread)."""
 

@@ -128,6 +128,22 @@ def test_reordered_frames_and_a_foreign_key_are_refused() -> None:
     S.decode(_blob(index, subject_of, key=None))  # unsigned, keyless reader: chain only
 
 
+def test_payload_of_joins_frames_for_byte_scans() -> None:
+    """A vector split across two frames is invisible to a scan of the raw
+    object but found in payload_of (what the erasure test scans)."""
+    index, subject_of = _index("flat", n=400)
+    vec = index.get_vectors(np.array([next(iter(subject_of))]))[0].tobytes()
+    frame = 1000  # 128-byte vectors: some straddle frame boundaries
+    blob = _blob(index, subject_of, frame=frame)
+    vectors = index.get_vectors(np.array(list(subject_of))).astype(np.float32)
+    split = [v.tobytes() for v in vectors if v.tobytes() not in blob]
+    assert split, "no vector straddles a frame boundary; the test proves nothing"
+    payload = S.payload_of(blob)
+    assert all(v in payload for v in split) and vec in payload
+    assert S.payload_of(blob[: len(blob) // 2]) == payload[: len(S.payload_of(blob[: len(blob) // 2]))]
+    assert S.payload_of(b"not a snapshot") == b"not a snapshot"
+
+
 def test_faiss_never_parses_an_unverified_frame() -> None:
     """A frame whose tag fails is refused before its bytes reach faiss: the
     error is the checksum's, not a faiss parse error."""
