@@ -319,12 +319,6 @@ class SnapshotStore:
         self.prune(collection_id, floor)
         return key, size
 
-    def write_blob(self, collection_id: int, seq: int, blob: bytes, floor: int = 0) -> str:
-        key = self.key(collection_id, seq)
-        self.objects.put_atomic(key, blob)
-        self.prune(collection_id, floor)
-        return key
-
     def read(self, collection_id: int, seq: int) -> CollectionSnapshot:
         with self.objects.open_read(self.key(collection_id, seq)) as src:
             return read_stream(src, collection_id=collection_id, seq=seq, signing_key=self.signing_key)
