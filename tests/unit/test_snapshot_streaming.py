@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from index import streaming
 from index.collection_index import CollectionIndex
 from index.framing import IndexCorrupt
 from serve_app.gallery import index_snapshots as S
