@@ -3,7 +3,9 @@
 Every ingress replica counts in the same Redis, so the limit holds for the
 service as a whole, not per replica. A Redis outage must not take the API
 down with it: the quota then admits requests (fail open) and says so in
-the log, at most twice a minute.
+the log, at most twice a minute; after a failure it does not ask Redis
+again for COOLDOWN_S, so a hung Redis costs one timeout a second, not one
+per request.
 """
 from __future__ import annotations
 
@@ -14,6 +16,10 @@ from dataclasses import dataclass
 log = logging.getLogger("ray.serve")
 
 WINDOW_S = 60
+# After a failed check the quota admits without asking Redis for this long:
+# a hung Redis (accepting connections, never answering) would otherwise cost
+# every request the full socket timeout.
+COOLDOWN_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -37,18 +43,22 @@ class RequestQuota:
                                         retry=Retry(NoBackoff(), 0), retry_on_timeout=False)
         self._prefix = prefix
         self._last_warning = 0.0
+        self._down_until = 0.0
 
     async def check(self, client: str, limit: int, now: float | None = None) -> QuotaDecision:
         now = time.time() if now is None else now
         window = int(now // WINDOW_S)
         retry_after = max(1, WINDOW_S - int(now % WINDOW_S))
         key = f"{self._prefix}:{client}:{window}"
+        if time.monotonic() < self._down_until:  # failed just now: admit without asking
+            return QuotaDecision(True, limit, -1, 0)
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.incr(key)
                 pipe.expire(key, 2 * WINDOW_S)
                 count, _ = await pipe.execute()
         except Exception:  # redis errors, timeouts, refused connections alike
+            self._down_until = time.monotonic() + COOLDOWN_S
             if now - self._last_warning > 30:
                 self._last_warning = now
                 log.warning("quota: Redis unavailable, admitting requests unmetered", exc_info=True)
