@@ -20,6 +20,7 @@ TARGETS = {
     "ha": K8S / "overlays" / "ha",
     "cluster": K8S / "cluster",
     "enroll-folder": K8S / "jobs" / "enroll-folder",
+    "reembed": K8S / "jobs" / "reembed",
 }
 
 # Our own schemas for the custom resources, by (API group, kind).

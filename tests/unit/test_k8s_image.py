@@ -34,7 +34,7 @@ def test_generate_reads_the_package_version():
     assert gen.package_version() == _version()
 
 
-@pytest.mark.parametrize("target", ["base", "dev", "ha", "enroll-folder"])
+@pytest.mark.parametrize("target", ["base", "dev", "ha", "enroll-folder", "reembed"])
 def test_every_faceserve_container_runs_the_package_version(target):
     images = _faceserve_images(M.rendered(target))
     assert images, f"{target}: no faceserve container found"
