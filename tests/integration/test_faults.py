@@ -9,8 +9,9 @@ Each drill injects a fault while clients keep sending requests, and checks:
 
 Drills here: a detector replica killed, a matcher replica killed (SIGKILL of
 the replica process), the object store failing mid-enrolment. Postgres and
-Redis are shared machine services in this environment and are not stopped
-here; their outage mapping (503, quota fail-open) is covered by unit tests.
+Redis are stopped in drills of their own, each against a private server and
+an app deployed on it (the shared machine services are never stopped):
+test_db_outage.py and test_redis_outage.py.
 """
 from __future__ import annotations
 
