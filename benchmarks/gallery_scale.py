@@ -224,8 +224,11 @@ def main() -> None:
 
     # The matcher's own search path: GalleryIndex.search over this index.
     from serve_app.gallery.gallery_index import GalleryIndex
+    from serve_app.gallery.reembeds import ReembedRepository
 
-    gallery = GalleryIndex(repo=None, snapshots=None, policy=policy)  # type: ignore[arg-type]
+    # No database: only the in-memory search path is timed, nothing is loaded.
+    gallery = GalleryIndex(repo=None, snapshots=None, policy=policy,  # type: ignore[arg-type]
+                           reembeds=ReembedRepository(None))  # type: ignore[arg-type]
     gallery.indexes[1] = AdaptiveIndex.wrap(final_index, policy)
     rss0 = rss_mb()
     subjects = [uuid.UUID(int=i + 1) for i in range(math.ceil(n / FACES_PER_ID))]
