@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from ray.exceptions import ActorDiedError, ActorUnavailableError, NodeDiedError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
@@ -31,6 +32,7 @@ from serve_app.telemetry import carrier_from_current
 
 _REPLICA_LOST = (ActorDiedError, ActorUnavailableError, NodeDiedError)
 _OVERLOADED = (BackPressureError, DeploymentUnavailableError)
+T = TypeVar("T")
 
 
 @dataclass
@@ -110,9 +112,14 @@ class PipelineClient:
         Every stage is a pure read, so a retry is safe; the router sends it to
         a live replica. A second loss, a full queue or the deadline is a 503.
         """
+        return await self._once_more_on_loss(lambda: self._analyse_once(data, spec))
+
+    async def _once_more_on_loss(self, call: Callable[[], Awaitable[T]]) -> T:
+        """call(), again once if a replica died under it; a second loss or a
+        full queue is a 503 with Retry-After."""
         for attempt in (1, 2):
             try:
-                return await self._analyse_once(data, spec)
+                return await call()
             except _REPLICA_LOST as exc:
                 if attempt == 2:
                     raise ServiceUnavailable(
@@ -172,35 +179,27 @@ class PipelineClient:
         """The matcher alone, for vectors the ingress already holds (an
         embedding-cache hit): the same deadline, one retry on a lost replica
         and the same 503s as analyse()."""
-        for attempt in (1, 2):
-            response = self._search_remote(embeddings, match)
-            try:
-                return await asyncio.wait_for(response, self.timeout_s)
-            except asyncio.TimeoutError:
-                response.cancel()
-                raise ServiceUnavailable(
-                    f"no answer within {self.timeout_s:g} s; the service is overloaded, retry shortly",
-                    retry_after_s=self.retry_after_s, reason="deadline",
-                ) from None
-            except RequestCancelledError:
-                raise ServiceUnavailable("the request was cancelled", retry_after_s=self.retry_after_s) from None
-            except _REPLICA_LOST as exc:
-                if attempt == 2:
-                    raise ServiceUnavailable(
-                        "a model replica was lost while answering; retry shortly",
-                        retry_after_s=self.retry_after_s, reason=type(exc).__name__,
-                    ) from None
-            except _OVERLOADED as exc:
-                raise ServiceUnavailable(
-                    "the service is at capacity; retry shortly",
-                    retry_after_s=self.retry_after_s, reason=type(exc).__name__,
-                ) from None
-            except Exception as exc:
-                inner = unwrap(exc)  # min_seq refused by the matcher is still the caller's 4xx
-                if inner is not exc:
-                    raise inner from None
-                raise
-        raise AssertionError("unreachable")
+        return await self._once_more_on_loss(lambda: self._search_once(embeddings, match))
+
+    async def _search_once(self, embeddings: EmbeddingResult, match: MatchSpec) -> MatchResult:
+        response = self._search_remote(embeddings, match)
+        try:
+            return await asyncio.wait_for(response, self.timeout_s)
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise ServiceUnavailable(
+                f"no answer within {self.timeout_s:g} s; the service is overloaded, retry shortly",
+                retry_after_s=self.retry_after_s, reason="deadline",
+            ) from None
+        except RequestCancelledError:
+            raise ServiceUnavailable("the request was cancelled", retry_after_s=self.retry_after_s) from None
+        except (*_REPLICA_LOST, *_OVERLOADED):
+            raise  # _once_more_on_loss decides
+        except Exception as exc:
+            inner = unwrap(exc)  # min_seq refused by the matcher is still the caller's 4xx
+            if inner is not exc:
+                raise inner from None
+            raise
 
     def _search_remote(self, embeddings: Any, match: MatchSpec) -> DeploymentResponse:
         """The matcher's search; embeddings: an EmbeddingResult or the embedder's response."""

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import json
 import logging
 import os
 import sys
 import time
 
-from serve_app.jobs.report import Report
+from serve_app.jobs.report import Report, store_report
 from serve_app.jobs.sources import SourceError, list_items, segments
 
 log = logging.getLogger("faceserve.jobs.enroll")
@@ -151,19 +150,6 @@ def run(args: argparse.Namespace) -> Report:
     return report
 
 
-def write_report(report: Report, args: argparse.Namespace) -> str:
-    from serve_app.gallery.objects import ObjectStore
-
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    key = args.report_key or f"reports/enroll/{args.tenant}/{args.collection}/{stamp}.json"
-    import io
-
-    buf = io.BytesIO()
-    report.write(buf)
-    ObjectStore(args.object_store_url).put_atomic(key, buf.getvalue())
-    return key
-
-
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
@@ -173,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bad source: {exc}", file=sys.stderr)
         return 2
     print(report.progress_line(), flush=True)
-    key = write_report(report, args)
+    key = store_report(report, args, "enroll")
     summary = report.summary()
     for row in report.problems()[:50]:
         print(f"  {row['status']} {row['reason']}: {row['uri']} {row['detail']}".rstrip())

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
-import io
 import json
 import logging
 import os
@@ -30,7 +28,7 @@ import sys
 import time
 from typing import Any
 
-from serve_app.jobs.report import ReembedReport
+from serve_app.jobs.report import ReembedReport, store_report
 
 log = logging.getLogger("faceserve.jobs.reembed")
 READ_CPUS = 0.25
@@ -210,17 +208,6 @@ def _stage_round(d: Driver, col: Any, args: argparse.Namespace, report: ReembedR
                 last = time.monotonic()
 
 
-def write_report(report: ReembedReport, args: argparse.Namespace) -> str:
-    from serve_app.gallery.objects import ObjectStore
-
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    key = args.report_key or f"reports/reembed/{args.tenant}/{args.collection}/{stamp}.json"
-    buf = io.BytesIO()
-    report.write(buf)
-    ObjectStore(args.object_store_url).put_atomic(key, buf.getvalue())
-    return key
-
-
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
@@ -230,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"re-embed refused: {exc}", file=sys.stderr)
         return 2
     print(report.progress_line(), flush=True)
-    key = write_report(report, args)
+    key = store_report(report, args, "reembed")
     summary = report.summary()
     for row in report.problems()[:50]:
         print(f"  {row['status']} {row['reason']}: face {row['uri']} {row['detail']}".rstrip())

@@ -139,3 +139,19 @@ class ReembedReport(Report):
         s = Report.summary(self)
         return (f"progress: {s['total']} faces ({s['reembedded']} re-embedded, {s['skipped']} skipped, "
                 f"{s['rejected']} rejected, {s['failed']} failed) {s['images_per_s']} faces/s")
+
+
+def store_report(report: Report, args: Any, job: str) -> str:
+    """Write the report to object storage under reports/<job>/<tenant>/<collection>/
+    (or --report-key); returns its key."""
+    import datetime as dt
+    import io
+
+    from serve_app.gallery.objects import ObjectStore
+
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    key = args.report_key or f"reports/{job}/{args.tenant}/{args.collection}/{stamp}.json"
+    buf = io.BytesIO()
+    report.write(buf)
+    ObjectStore(args.object_store_url).put_atomic(key, buf.getvalue())
+    return key
