@@ -135,7 +135,7 @@ class LocalCluster:
                 f"--temp-dir={self.temp_dir}",
                 *self._node_args(hp),
             ],
-            cluster.ray_env(),
+            cluster.ray_env(self.ports),
         )
         _wait(lambda: cluster.ray_running(self.ports), 60, "dashboard of the head")
         self.head_node_id = _wait(
@@ -154,6 +154,9 @@ class LocalCluster:
         )
         env = cluster.ray_env()
         env["RAY_SERVE_WORKER_PROXY_HTTP_PORT"] = str(node.proxy_http_port)
+        # Each node's HAProxy needs its own stats and exporter ports on a shared host.
+        env["RAY_SERVE_HAPROXY_STATS_PORT"] = str(self.ports.haproxy_stats_port + index)
+        env["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(self.ports.haproxy_metrics_port + index)
         _ray_start(
             [
                 f"--address=127.0.0.1:{self.ports.gcs}",
