@@ -249,11 +249,6 @@ class PipelineClient:
             checks["matcher"] = all(checks[f"matcher-{s}"] for s in range(len(self.matchers)))
         return checks
 
-    async def matcher_stats(self) -> list[dict[str, Any]]:
-        """Every shard's stats (one replica's each: seq, faces per collection, lag)."""
-        return list(await asyncio.wait_for(
-            asyncio.gather(*(m.stats.remote() for m in self.matchers)), self.timeout_s))
-
 
 async def _ready(handle: DeploymentHandle) -> bool:
     return bool(await handle.ready.remote())
