@@ -96,6 +96,8 @@ def _cmd_start(args: argparse.Namespace) -> int:
     if settings.trace_exporter != "none":
         app_args["trace_exporter"] = settings.trace_exporter
         app_args["otlp_endpoint"] = settings.otlp_endpoint
+    if settings.matcher_shards > 1:  # one Matcher deployment per shard (deploy_config writes their entries)
+        app_args["matcher_shards"] = settings.matcher_shards
     models_dir = settings.models_dir or _default_models_dir()
     if models_dir:
         app_args["models_dir"] = str(Path(models_dir).resolve())

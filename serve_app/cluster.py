@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -197,20 +198,47 @@ def deploy_config(
 ) -> dict[str, Any]:
     """serve_config.yaml with the app's args and HTTP address filled in.
 
-    overrides: {deployment name: {option: value}} merged into that deployment.
+    overrides: {deployment name: {option: value}} merged into that deployment
+    ("Matcher"'s into every matcher shard's too). app_args' matcher_shards > 1
+    turns the `Matcher` entry into one per shard (shard_matcher_entries).
     """
     config = yaml.safe_load(base.read_text())
     config = copy.deepcopy(config)
     config["http_options"] = {"host": ports.http_host, "port": ports.http}
     app = config["applications"][0]
     app["args"] = {**app.get("args", {}), **app_args}
+    app["deployments"] = shard_matcher_entries(app.get("deployments", []), int(app["args"].get("matcher_shards") or 1))
     for dep in app.get("deployments", []):
-        for key, value in (overrides or {}).get(dep["name"], {}).items():
+        for key, value in _overrides_for(dep["name"], overrides or {}).items():
             if isinstance(value, dict) and isinstance(dep.get(key), dict):
                 dep[key] = {**dep[key], **value}
             else:
                 dep[key] = value
     return config
+
+
+def _overrides_for(name: str, overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    if re.fullmatch(r"Matcher-\d+", name):
+        return {**overrides.get("Matcher", {}), **overrides.get(name, {})}
+    return overrides.get(name, {})
+
+
+def shard_matcher_entries(deployments: list[dict[str, Any]], shards: int) -> list[dict[str, Any]]:
+    """With matcher shards, the `Matcher` entry of a serve config becomes one
+    entry per shard deployment (`Matcher-0` ...), each with its options: Serve
+    refuses options for a deployment the app does not have. An entry named
+    `Matcher-<s>` already there is kept as written."""
+    if shards <= 1:
+        return deployments
+    out: list[dict[str, Any]] = []
+    named = {d.get("name") for d in deployments}
+    for dep in deployments:
+        if dep.get("name") != "Matcher":
+            out.append(dep)
+            continue
+        out += [{**copy.deepcopy(dep), "name": f"Matcher-{s}"} for s in range(shards)
+                if f"Matcher-{s}" not in named]
+    return out
 
 
 def serve_deploy(config: dict[str, Any], ports: ClusterPorts, workdir: Path) -> Path:

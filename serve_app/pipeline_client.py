@@ -6,6 +6,11 @@ matcher start as soon as their inputs exist and only crops and vectors
 cross processes. Every call has a deadline: past it, or when a deployment's
 queue is full, the answer is a fast 503 (ServiceUnavailable), never a
 growing wait.
+
+With several matcher shards (serve_app/graph.py) a search goes to every
+shard at once and their answers are merged (serve_app/gallery/shards.py);
+the search waits for all of them, so a shard that is down or full makes the
+whole answer a 503 with Retry-After, never a partial one.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from models.images import ImageError
 from serve_app.errors import ServiceError, ServiceUnavailable
+from serve_app.gallery.shards import merge_results
 from serve_app.messages import (
     DetectionResult,
     DetectOptions,
@@ -94,7 +100,7 @@ class PipelineClient:
         detector: DeploymentHandle,
         embedder: DeploymentHandle,
         liveness: DeploymentHandle,
-        matcher: DeploymentHandle,
+        matcher: DeploymentHandle | list[DeploymentHandle],
         *,
         timeout_s: float = 10.0,
         retry_after_s: int = 1,
@@ -102,7 +108,10 @@ class PipelineClient:
         self.detector = detector
         self.embedder = embedder
         self.liveness = liveness
-        self.matcher = matcher
+        # One handle per matcher shard (one: the whole gallery).
+        self.matchers: list[DeploymentHandle] = list(matcher) if isinstance(matcher, (list, tuple)) else [matcher]
+        if not self.matchers:
+            raise ValueError("no matcher deployment")
         self.timeout_s = timeout_s
         self.retry_after_s = retry_after_s
 
@@ -147,7 +156,7 @@ class PipelineClient:
             if spec.match is not None and emb is not None
             else None
         )
-        pending: list[DeploymentResponse] = [r for r in (det, emb, live, match) if r is not None]
+        pending: list[DeploymentResponse] = [r for r in (det, emb, live) if r is not None] + (match or [])
         try:
             results = await asyncio.wait_for(asyncio.gather(*pending), self.timeout_s)
         except asyncio.TimeoutError:
@@ -172,7 +181,7 @@ class PipelineClient:
             detection=next(it),
             embeddings=next(it) if emb is not None else None,
             liveness=next(it) if live is not None else None,
-            matches=next(it) if match is not None else None,
+            matches=merge_results(list(it), spec.match.k) if match is not None and spec.match else None,
         )
 
     async def search(self, embeddings: EmbeddingResult, match: MatchSpec) -> MatchResult:
@@ -182,11 +191,13 @@ class PipelineClient:
         return await self._once_more_on_loss(lambda: self._search_once(embeddings, match))
 
     async def _search_once(self, embeddings: EmbeddingResult, match: MatchSpec) -> MatchResult:
-        response = self._search_remote(embeddings, match)
+        responses = self._search_remote(embeddings, match)
         try:
-            return await asyncio.wait_for(response, self.timeout_s)
+            results = await asyncio.wait_for(asyncio.gather(*responses), self.timeout_s)
+            return merge_results(list(results), match.k)
         except asyncio.TimeoutError:
-            response.cancel()
+            for r in responses:
+                r.cancel()
             raise ServiceUnavailable(
                 f"no answer within {self.timeout_s:g} s; the service is overloaded, retry shortly",
                 retry_after_s=self.retry_after_s, reason="deadline",
@@ -194,17 +205,24 @@ class PipelineClient:
         except RequestCancelledError:
             raise ServiceUnavailable("the request was cancelled", retry_after_s=self.retry_after_s) from None
         except (*_REPLICA_LOST, *_OVERLOADED):
+            for r in responses:
+                r.cancel()
             raise  # _once_more_on_loss decides
         except Exception as exc:
+            for r in responses:
+                r.cancel()
             inner = unwrap(exc)  # min_seq refused by the matcher is still the caller's 4xx
             if inner is not exc:
                 raise inner from None
             raise
 
-    def _search_remote(self, embeddings: Any, match: MatchSpec) -> DeploymentResponse:
-        """The matcher's search; embeddings: an EmbeddingResult or the embedder's response."""
-        return self.matcher.search.remote(embeddings, match.collection_id, match.k, match.min_seq,
-                                          match.known_seq, match.feedback_similarity)
+    def _search_remote(self, embeddings: Any, match: MatchSpec) -> list[DeploymentResponse]:
+        """Every shard's search, sent at once; embeddings: an EmbeddingResult
+        or the embedder's response. Each shard answers its own top-k subjects
+        per face (merge_results makes them one answer); min_seq holds per
+        shard, as each follows the same log."""
+        return [m.search.remote(embeddings, match.collection_id, match.k, match.min_seq,
+                                match.known_seq, match.feedback_similarity) for m in self.matchers]
 
     async def model_parts(self) -> tuple[str, str]:
         """(detector config identity, embedder model name): what cached results are keyed by."""
@@ -215,12 +233,21 @@ class PipelineClient:
         return await self.embedder.info.remote()
 
     async def ready(self) -> dict[str, bool]:
-        names = ("detector", "embedder", "liveness", "matcher")
-        handles = (self.detector, self.embedder, self.liveness, self.matcher)
+        """Each deployment's readiness; with shards "matcher" is all of them
+        and "matcher-<s>" each one (identify needs every shard)."""
+        names = ["detector", "embedder", "liveness"]
+        handles = [self.detector, self.embedder, self.liveness, *self.matchers]
+        if len(self.matchers) > 1:
+            names += [f"matcher-{s}" for s in range(len(self.matchers))]
+        else:
+            names.append("matcher")
         results = await asyncio.gather(
             *(asyncio.wait_for(_ready(h), 5.0) for h in handles), return_exceptions=True
         )
-        return {n: r is True for n, r in zip(names, results)}
+        checks = {n: r is True for n, r in zip(names, results)}
+        if len(self.matchers) > 1:
+            checks["matcher"] = all(checks[f"matcher-{s}"] for s in range(len(self.matchers)))
+        return checks
 
 
 async def _ready(handle: DeploymentHandle) -> bool:

@@ -51,6 +51,12 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_ENDPOINT", "FACESERVE_OTLP_ENDPOINT"),
     )
     trace_schedule_delay_ms: int = 2000
+    # Matcher shards: 1 = one `Matcher` deployment holding every face; n > 1
+    # binds `Matcher-0` ... `Matcher-{n-1}`, each holding the faces with
+    # face_id % n == its index, and identify asks them all (docs/SCALING.md).
+    # serve_config.yaml then needs one deployment entry per shard:
+    # serve_app.cluster.deploy_config writes them from the `Matcher` entry.
+    matcher_shards: int = Field(1, ge=1, le=64)
     # Off only to measure what metrics cost (benchmarks/observability.py).
     metrics_enabled: bool = True
 

@@ -68,7 +68,7 @@ class _Outcomes:
 @serve.ingress()
 class Ingress:
     async def __init__(self, settings: Settings, detector: DeploymentHandle, embedder: DeploymentHandle,
-                       liveness: DeploymentHandle, matcher: DeploymentHandle) -> None:
+                       liveness: DeploymentHandle, matcher: DeploymentHandle | list[DeploymentHandle]) -> None:
         settings.setup_telemetry("Ingress")
         self._settings = settings
         self._config = IngressConfig()

@@ -14,6 +14,11 @@ since the last good sync) is exported as metrics, and `check_health` fails
 once it is staler than `max_staleness_s`, so Serve stops routing to it and
 replaces it. serve_app/gallery/gallery_index.py holds the logic, testable
 without Ray.
+
+With `matcher_shards` > 1 the graph binds one of these per shard
+(`Matcher-0` ...), each holding the faces with face_id % count == its index
+and snapshotting them under a key prefix of its own; the ingress asks every
+shard and merges (serve_app/gallery/shards.py).
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from index.policy import IndexPolicy
 from serve_app.gallery.gallery_index import GalleryIndex, LogFollower
 from serve_app.gallery.index_snapshots import SnapshotStore
 from serve_app.gallery.objects import ObjectStore
+from serve_app.gallery.shards import Shard
 from serve_app.gallery.repository import GalleryRepository, create_pool
 from serve_app.messages import EmbeddingResult, MatchResult
 from serve_app.metrics import ServiceMetrics
@@ -47,8 +53,9 @@ _LAG_REPORT_S = 5.0  # gauges are set on a timer: Ray drops a gauge ~20 s after 
 
 @serve.deployment(name="Matcher", ray_actor_options={"num_cpus": 0.2, "memory": 1024**3})
 class Matcher:
-    async def __init__(self, settings: Settings) -> None:
-        settings.setup_telemetry("Matcher")
+    async def __init__(self, settings: Settings, shard_index: int = 0, shard_count: int = 1) -> None:
+        self._shard = Shard(shard_index, shard_count)
+        settings.setup_telemetry(self._shard.deployment)
         dsn = settings.database_dsn()
         pool = await create_pool(dsn, min_size=1, max_size=3)
         self._config = MatcherConfig()
@@ -57,13 +64,15 @@ class Matcher:
         self._gallery = GalleryIndex(
             GalleryRepository(pool), SnapshotStore(
                 ObjectStore(settings.object_store_url),
-                signing_key=settings.snapshot_key.get_secret_value().encode() if settings.snapshot_key else None)
+                signing_key=settings.snapshot_key.get_secret_value().encode() if settings.snapshot_key else None,
+                shard=self._shard),
+            shard=self._shard,
         )
         report = await self._gallery.load()
         log.info(
-            "matcher loaded %d faces at seq %d in %.2fs: snapshots %s, from Postgres %s%s, "
+            "matcher (%s) loaded %d faces at seq %d in %.2fs: snapshots %s, from Postgres %s%s, "
             "%d log entries replayed",
-            report.faces, report.seq, report.seconds, report.from_snapshot, report.from_postgres,
+            self._shard.label, report.faces, report.seq, report.seconds, report.from_snapshot, report.from_postgres,
             " (full load)" if report.full_load else "", report.replayed,
         )
         self._snapshot_task: asyncio.Task[list[str]] | None = None

@@ -12,6 +12,12 @@ skipping per collection what that collection's snapshot already reflects.
 It writes snapshots of collections with `snapshot_every` changes not yet in
 any snapshot; the Matcher deployment runs that in the background.
 
+A matcher shard (shards.Shard: face_id % count == index) holds only its own
+faces: it loads, replays, stages and snapshots those alone (Postgres sends
+it only their vectors), and follows the rest of the log -- names, probes,
+collections, model switches -- whole, so each shard answers identify for
+its faces with everything identify needs.
+
 Each collection's index follows its size (index.policy): exact search while
 small, IVF above `exact_max`, 8-bit IVF beyond the memory budget. A collection
 that outgrows its index is rebuilt in a worker thread while the log is still
@@ -49,6 +55,7 @@ from serve_app.messages import Hit
 from .index_snapshots import Anchor, CollectionSnapshot, SnapshotStore
 from .reembeds import ReembedRepository
 from .repository import CHANGES_CHANNEL, Change, Collection, GalleryRepository
+from .shards import WHOLE, Shard
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +103,13 @@ class GalleryIndex:
         retry_s: float = 30.0,
         policy: IndexPolicy | None = None,
         reembeds: ReembedRepository | None = None,
+        shard: Shard = WHOLE,
     ) -> None:
+        if snapshots is not None and snapshots.shard != shard:
+            raise ValueError(f"snapshot store of {snapshots.shard.label} given to {shard.label}")
+        # The faces this replica holds (face_id % count == index); the rest of
+        # the log (names, probes, collections, models) it follows whole.
+        self.shard = shard
         self.repo = repo
         self.reembeds = reembeds or ReembedRepository(repo.pool)
         self.snapshots = snapshots
@@ -169,7 +182,7 @@ class GalleryIndex:
         # Staged re-embeddings as of one seq, read before any index: replaying
         # from at or below it brings every staging up to date, and an index
         # loaded later is never older than a switch the staging reflects.
-        staged = await self.reembeds.load_staged()
+        staged = await self.reembeds.load_staged(self.shard)
         switched = await self.reembeds.last_switches()
         self._load_staging(staged)
         # Names and probes as of now (>= seq0); the replay below brings every
@@ -183,7 +196,7 @@ class GalleryIndex:
             if not found[cid]:
                 del found[cid]
         if not found:
-            seq, faces = await self.repo.load_all()
+            seq, faces = await self.repo.load_all(self.shard)
             self.apply(faces)
             self.seq = min(seq, staged.seq)
             report = LoadReport(seq, 0, full_load=True)
@@ -201,7 +214,7 @@ class GalleryIndex:
             loaded[cid] = self.snapshot_seq[cid] = report.from_snapshot[cid] = snap.seq
         for cid in collections:
             if cid not in loaded:
-                seq, faces = await self.repo.load_collection(cid)
+                seq, faces = await self.repo.load_collection(cid, self.shard)
                 self.apply(faces)
                 loaded[cid] = seq
                 report.from_postgres.append(cid)
@@ -245,6 +258,8 @@ class GalleryIndex:
                 return "its change-log entry is not this database's (foreign or stale snapshot)"
             if snap.index.dim != collection.dim:
                 return f"dim {snap.index.dim} != collection dim {collection.dim}"
+            if not self.shard.whole and not self.shard.owned(snap.index.ids()).all():
+                return f"it holds faces of other shards than {self.shard.label}"
             return None
 
         assert self.snapshots is not None
@@ -289,7 +304,7 @@ class GalleryIndex:
         go on against the old state until then."""
         fresh = GalleryIndex(
             self.repo, self.snapshots, snapshot_every=self.snapshot_every, retry_s=self._retry_s,
-            policy=self.policy,
+            policy=self.policy, reembeds=self.reembeds, shard=self.shard,
         )
         fresh.clock = self.clock
         report = await fresh.load()
@@ -348,11 +363,12 @@ class GalleryIndex:
         reflect, stage_floor which re-embed entries the loaded staging does."""
         n, start = 0, self.seq
         while True:
-            changes = await self.repo.changes_since(self.seq, limit=_BATCH)
+            changes = await self.repo.changes_since(self.seq, limit=_BATCH, shard=self.shard)
             if not changes:
                 await self._check_not_pruned(start)
                 return n
-            stages = [(ch.face_id, ch.seq) for ch in changes if ch.op == "stage" and ch.seq > stage_floor]
+            stages = [(ch.face_id, ch.seq) for ch in changes
+                      if ch.op == "stage" and ch.seq > stage_floor and self.shard.owns(ch.face_id)]
             staged = await self.reembeds.staged_vectors(stages) if stages else {}
             self.apply(changes, skip, floor=floor, stage_floor=stage_floor, staged=staged)
             last = changes[-1]
@@ -410,6 +426,9 @@ class GalleryIndex:
             cid = ch.collection_id
             if ch.op in ("rename", "feedback"):
                 self._apply_subject(ch)
+                continue
+            if ch.op in ("add", "remove", "stage") and not self.shard.owns(ch.face_id):
+                self._apply_other_shard(ch, skip, floor)
                 continue
             if ch.op == "stage":
                 found = (staged or {}).get(ch.face_id)
@@ -504,6 +523,19 @@ class GalleryIndex:
             else:
                 self.feedback.pop(ch.subject_id, None)
 
+    def _apply_other_shard(self, ch: Change, skip: dict[int, int] | None, floor: int) -> None:
+        """A face entry of another shard: only what every shard answers with
+        (the subject's name, a deleted subject forgotten). A removal still
+        counts as an erasure here: the erasure sweeper deletes every shard's
+        older snapshots of the collection, so this shard rewrites its own."""
+        if ch.op == "add" and ch.name is not None:
+            self.names[ch.subject_id] = ch.name
+        elif ch.op == "remove":
+            if not (ch.seq <= floor or (skip is not None and ch.seq <= skip.get(ch.collection_id, -1))):
+                self.erased[ch.collection_id] = max(self.erased.get(ch.collection_id, 0), ch.seq)
+            if ch.name is None:
+                self._forget_subject(ch.subject_id)
+
     def _forget_subject(self, subject_id: uuid.UUID) -> None:
         self.names.pop(subject_id, None)
         self.feedback.pop(subject_id, None)
@@ -574,7 +606,9 @@ class GalleryIndex:
 
     async def prune_log(self, retention_s: float) -> int:
         """Delete change-log entries no replica needs any more: below the
-        newest snapshot of every collection and below this replica's own
+        newest snapshot of every collection in every shard (of this replica's
+        shard count; snapshots of another layout are never restored by it)
+        and below this replica's own
         position (a restart restores the newest snapshots and replays after
         them; the entry at a snapshot's seq stays, it is its anchor), and
         older than retention_s. A replay that started below what was pruned
@@ -583,8 +617,11 @@ class GalleryIndex:
             return 0
         try:
             live = {c.id for c in await self.repo.list_collections()}
-            listed = await asyncio.to_thread(self.snapshots.list_all) if self.snapshots is not None else {}
-            below = min([self.seq, *(seqs[0] for cid, seqs in listed.items() if cid in live and seqs)])
+            # Every shard's newest snapshots (this one's alone when unsharded): a
+            # shard restarting from its own must find the log after them.
+            shards = await asyncio.to_thread(self.snapshots.list_every_shard) if self.snapshots is not None else {}
+            below = min([self.seq, *(seqs[0] for listed in shards.values()
+                                     for cid, seqs in listed.items() if cid in live and seqs)])
             n = await self.repo.prune_changes(below, retention_s)
         except Exception:
             log.warning("pruning the change log failed; trying again later", exc_info=True)
@@ -687,6 +724,7 @@ class GalleryIndex:
     def stats(self) -> dict[str, Any]:
         return {
             "seq": self.seq,
+            "shard": {"index": self.shard.index, "count": self.shard.count},
             "faces": {cid: len(ix) for cid, ix in self.indexes.items()},
             "models": dict(self.models),
             "staging": {cid: {"model": self.staging_model.get(cid), "faces": len(ix)}

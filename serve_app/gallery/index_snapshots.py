@@ -1,7 +1,7 @@
 """Per-collection index snapshots in object storage, streamed in bounded memory.
 
-One object per snapshot, ``index-snapshots/<collection_id>/<seq:020d>.snap``,
-written (format 2) as an ``index.streaming`` frame stream:
+One object per snapshot, ``index-snapshots/<collection_id>/<seq:020d>.snap``
+(a matcher shard's under ``.../<collection_id>/shard-<s>-of-<n>/``), written (format 2) as an ``index.streaming`` frame stream:
 
     MAGIC | uint16 format | uint32 header length | JSON header | frames
     payload = faiss index (faiss's own writer) | per face: id (int64 LE) + subject uuid (16 B)
@@ -33,6 +33,7 @@ import hmac
 import io
 import json
 import logging
+import posixpath
 import re
 import uuid
 from collections.abc import Callable
@@ -46,6 +47,7 @@ from index.collection_index import CollectionIndex
 from index.framing import IndexCorrupt
 
 from .objects import ObjectStore
+from .shards import WHOLE, Shard
 
 log = logging.getLogger(__name__)
 
@@ -273,34 +275,65 @@ def payload_of(data: bytes) -> bytes:
 
 
 class SnapshotStore:
-    """Write, list, read and prune collection snapshots (blocking: call from a thread)."""
+    """Write, list, read and prune collection snapshots (blocking: call from a thread).
+
+    A matcher shard (serve_app/gallery/shards.py) keeps its snapshots apart:
+    ``<prefix>/<collection_id>/shard-<s>-of-<n>/<seq>.snap``, so shards (and
+    unsharded replicas, which use ``<prefix>/<collection_id>/<seq>.snap``)
+    never list, restore or prune each other's. Everything of a collection
+    stays under ``<prefix>/<collection_id>/``, which its erasures sweep."""
 
     def __init__(self, objects: ObjectStore, prefix: str = "index-snapshots", keep: int = 2,
-                 signing_key: bytes | None = None) -> None:
+                 signing_key: bytes | None = None, shard: Shard = WHOLE) -> None:
         self.objects = objects
         self.signing_key = signing_key
         self.prefix = prefix.strip("/")
         self.keep = max(1, keep)
+        self.shard = shard
+
+    def _dir(self, collection_id: int, shard: Shard | None = None) -> str:
+        shard = self.shard if shard is None else shard
+        base = f"{self.prefix}/{collection_id}"
+        return base if shard.whole else f"{base}/{shard.label}"
 
     def key(self, collection_id: int, seq: int) -> str:
-        return f"{self.prefix}/{collection_id}/{seq:020d}.snap"
+        return f"{self._dir(collection_id)}/{seq:020d}.snap"
+
+    def _own_keys(self, collection_id: int) -> list[str]:
+        """Keys directly in this shard's directory of the collection (not the
+        shard directories below an unsharded one)."""
+        base = self._dir(collection_id)
+        return [k for k in self.objects.list_keys(base) if posixpath.dirname(k) == base]
 
     def list_all(self) -> dict[int, list[int]]:
-        """{collection_id: complete snapshot seqs, newest first}."""
-        out: dict[int, list[int]] = {}
+        """{collection_id: complete snapshot seqs of this shard, newest first}."""
+        return self.list_every_shard().get(self.shard.index, {})
+
+    def list_every_shard(self) -> dict[int, dict[int, list[int]]]:
+        """{shard index: {collection_id: seqs, newest first}} for every shard of
+        this store's shard count (one listing): pruning the change log must
+        keep what the oldest of them still replays."""
+        out: dict[int, dict[int, list[int]]] = {}
+        labels = {Shard(s, self.shard.count).label: s for s in range(self.shard.count)}
         for key in self.objects.list_keys(self.prefix):
             parts = key.split("/")
-            if len(parts) != 3 or not parts[1].isdigit():
-                continue
-            m = _NAME.match(parts[2])
+            if self.shard.whole:
+                if len(parts) != 3 or not parts[1].isdigit():
+                    continue
+                s = 0
+            else:
+                if len(parts) != 4 or not parts[1].isdigit() or parts[2] not in labels:
+                    continue
+                s = labels[parts[2]]
+            m = _NAME.match(parts[-1])
             if m:
-                out.setdefault(int(parts[1]), []).append(int(m.group(1)))
-        return {cid: sorted(seqs, reverse=True) for cid, seqs in out.items()}
+                out.setdefault(s, {}).setdefault(int(parts[1]), []).append(int(m.group(1)))
+        return {s: {cid: sorted(seqs, reverse=True) for cid, seqs in by.items()} for s, by in out.items()}
 
     def list_seqs(self, collection_id: int) -> list[int]:
-        """Complete snapshot seqs of one collection, newest first."""
+        """Complete snapshot seqs of one collection (this shard's), newest first."""
         seqs = []
-        for key in self.objects.list_keys(f"{self.prefix}/{collection_id}"):
+        for key in self._own_keys(collection_id):
             m = _NAME.match(key.rsplit("/", 1)[-1])
             if m:
                 seqs.append(int(m.group(1)))
@@ -348,7 +381,7 @@ class SnapshotStore:
         """Delete all but the newest `keep` snapshots, and temp files older than those;
         and every snapshot below `floor` (the newest erasure in the collection: an
         older snapshot still holds erased vectors), even when fewer remain."""
-        keys = self.objects.list_keys(f"{self.prefix}/{collection_id}")
+        keys = self._own_keys(collection_id)
         seqs = sorted((int(m.group(1)) for k in keys if (m := _NAME.match(k.rsplit("/", 1)[-1]))), reverse=True)
         oldest_kept = max(seqs[self.keep - 1] if len(seqs) > self.keep else 0, floor)
         if oldest_kept <= 0:

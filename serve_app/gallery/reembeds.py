@@ -21,7 +21,8 @@ import numpy as np
 
 from serve_app.errors import CollectionNotFound, Conflict, InvalidRequest
 
-from .repository import Collection, _lock_changelog, _notify_change, _vec_to_bytes, bytes_to_vec
+from .repository import Collection, _lock_changelog, _notify_change, _of_shard, _vec_to_bytes, bytes_to_vec
+from .shards import WHOLE, Shard
 
 _NO_SUBJECT = uuid.UUID(int=0)
 
@@ -246,15 +247,16 @@ class ReembedRepository:
                 [f for f, _ in entries], [q for _, q in entries])
         return {r["face_id"]: (r["collection_id"], r["model"], bytes_to_vec(r["embedding"])) for r in rows}
 
-    async def load_staged(self) -> StagedLoad:
-        """Every staging and its vectors, and the log position they reflect
-        (one REPEATABLE READ snapshot)."""
+    async def load_staged(self, shard: Shard = WHOLE) -> StagedLoad:
+        """Every staging and its vectors (of `shard`'s faces), and the log
+        position they reflect (one REPEATABLE READ snapshot)."""
         async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn, \
                 conn.transaction(isolation="repeatable_read", readonly=True):
             seq = await conn.fetchval("SELECT coalesce(max(seq), 0) FROM changes")
             stagings = await conn.fetch("SELECT collection_id, model, dim FROM reembeds")
             rows = await conn.fetch(
-                "SELECT collection_id, face_id, embedding FROM staged_embeddings ORDER BY collection_id, face_id")
+                f"SELECT collection_id, face_id, embedding FROM staged_embeddings WHERE true{_of_shard('face_id', shard)} "
+                "ORDER BY collection_id, face_id")
         out = StagedLoad(int(seq), {r["collection_id"]: (r["model"], r["dim"]) for r in stagings})
         by: dict[int, tuple[list[int], list[np.ndarray]]] = {}
         for r in rows:

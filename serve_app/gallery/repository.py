@@ -21,6 +21,7 @@ from serve_app.errors import NotFound as NotFoundError
 
 from . import erasures
 from .migrations import migrate
+from .shards import WHOLE, Shard
 
 # Held by every transaction that appends to `changes`, taken before the seq is
 # drawn: bigserial values can otherwise commit out of order, and a matcher
@@ -630,29 +631,32 @@ class GalleryRepository:
         return seq
 
     # --- change log (matcher side) -----------------------------------------
-    async def load_all(self) -> tuple[int, list[Change]]:
-        """Every face now in the gallery plus the log position it reflects.
+    async def load_all(self, shard: Shard = WHOLE) -> tuple[int, list[Change]]:
+        """Every face now in the gallery (of `shard`: only its own faces are
+        fetched) plus the log position it reflects.
 
         Read in one REPEATABLE READ snapshot so the seq and rows agree.
         """
         async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn, conn.transaction(isolation="repeatable_read", readonly=True):
             seq = await conn.fetchval("SELECT coalesce(max(seq), 0) FROM changes")
             rows = await conn.fetch(
-                "SELECT id, collection_id, subject_id, embedding FROM faces ORDER BY id"
+                f"SELECT id, collection_id, subject_id, embedding FROM faces WHERE true{_of_shard('id', shard)} "
+                "ORDER BY id"
             )
         return seq, [
             Change(seq, r["collection_id"], "add", r["id"], r["subject_id"], bytes_to_vec(r["embedding"]))
             for r in rows
         ]
 
-    async def load_collection(self, collection_id: int) -> tuple[int, list[Change]]:
-        """One collection's faces plus the log position they reflect (one
-        REPEATABLE READ snapshot), for a replica that has no usable index
-        snapshot of just this collection."""
+    async def load_collection(self, collection_id: int, shard: Shard = WHOLE) -> tuple[int, list[Change]]:
+        """One collection's faces (of `shard`) plus the log position they
+        reflect (one REPEATABLE READ snapshot), for a replica that has no
+        usable index snapshot of just this collection."""
         async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn, conn.transaction(isolation="repeatable_read", readonly=True):
             seq = await conn.fetchval("SELECT coalesce(max(seq), 0) FROM changes")
             rows = await conn.fetch(
-                "SELECT id, subject_id, embedding FROM faces WHERE collection_id = $1 ORDER BY id",
+                f"SELECT id, subject_id, embedding FROM faces WHERE collection_id = $1{_of_shard('id', shard)} "
+                "ORDER BY id",
                 collection_id,
             )
         return seq, [
@@ -689,20 +693,22 @@ class GalleryRepository:
             r["seq"]: (r["collection_id"], r["op"], r["face_id"], str(r["subject_id"])) for r in rows
         }
 
-    async def changes_since(self, seq: int, limit: int = 5000) -> list[Change]:
-        """Log entries after seq; adds carry the embedding if the face still exists.
+    async def changes_since(self, seq: int, limit: int = 5000, shard: Shard = WHOLE) -> list[Change]:
+        """Log entries after seq; adds carry the embedding if the face still
+        exists and belongs to `shard` (a shard reads every entry, but fetches
+        only its own faces' vectors).
 
         Writers serialise on _CHANGELOG_LOCK, so seq order is commit order and
         a reader never skips a seq that commits later.
         """
         async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
             rows = await conn.fetch(
-                """SELECT c.seq, c.collection_id, c.op, c.face_id, c.subject_id, f.embedding, s.name,
+                f"""SELECT c.seq, c.collection_id, c.op, c.face_id, c.subject_id, f.embedding, s.name,
                           CASE WHEN c.op = 'feedback' THEN coalesce(
                               (SELECT array_agg(fb.embedding ORDER BY fb.id) FROM feedback fb
-                               WHERE fb.subject_id = c.subject_id), '{}'::bytea[]) END AS feedback
+                               WHERE fb.subject_id = c.subject_id), '{{}}'::bytea[]) END AS feedback
                    FROM changes c
-                   LEFT JOIN faces f ON f.id = c.face_id AND c.op = 'add'
+                   LEFT JOIN faces f ON f.id = c.face_id AND c.op = 'add'{_of_shard('c.face_id', shard)}
                    LEFT JOIN subjects s ON s.id = c.subject_id
                    WHERE c.seq > $1 ORDER BY c.seq LIMIT $2""",
                 seq, limit,
@@ -795,6 +801,14 @@ class GalleryRepository:
                 "coalesce((SELECT max(seq) FROM erasures WHERE collection_id = $1), 0) AS floor",
                 collection_id)
         return bool(row["live"]), int(row["floor"])
+
+
+def _of_shard(column: str, shard: Shard) -> str:
+    """An SQL condition (with its leading AND) keeping `shard`'s faces; empty
+    for the whole gallery. Shard's fields are checked ints: safe to inline."""
+    if shard.whole:
+        return ""
+    return f" AND {column} % {int(shard.count)} = {int(shard.index)}"
 
 
 async def _log_feedback(conn: asyncpg.Connection, collection_id: int, subject_id: uuid.UUID,

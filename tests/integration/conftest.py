@@ -11,7 +11,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
 
@@ -52,7 +52,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # Redis outage drills their own apps against a private PostgreSQL / Redis:
     # run them before the session app exists, so two clusters or apps never
     # share the ports.
-    first = {"test_failover.py": 0, "test_db_outage.py": 1, "test_redis_outage.py": 1}
+    first = {"test_failover.py": 0, "test_db_outage.py": 1, "test_redis_outage.py": 1, "test_matcher_shards.py": 1}
     items.sort(key=lambda item: first.get(Path(str(item.fspath)).name, 2))
 
 
@@ -67,6 +67,7 @@ class LiveApp:
     workdir: Path
     traces: OTLPReceiver
     redis_url: str = REDIS_URL
+    app_args: dict[str, Any] = field(default_factory=dict)  # more build_app args (e.g. matcher_shards)
 
     def client(self, *, key: str | None = BOOTSTRAP_KEY, timeout: float = 120, **kw: Any) -> httpx.Client:
         headers = {"x-api-key": key} if key else {}
@@ -98,6 +99,7 @@ class LiveApp:
                 "trace_exporter": "otlp",
                 "otlp_endpoint": self.traces.endpoint,
                 "trace_schedule_delay_ms": 200,
+                **self.app_args,
             },
             self.ports,
             overrides=merged,
@@ -105,10 +107,12 @@ class LiveApp:
 
 
 @contextlib.contextmanager
-def running_live_app(name: str, database_url: str | None = None, redis_url: str | None = None) -> Iterator[LiveApp]:
+def running_live_app(name: str, database_url: str | None = None, redis_url: str | None = None,
+                     app_args: dict[str, Any] | None = None) -> Iterator[LiveApp]:
     """A Ray head (unless one runs) + `serve deploy` on a fresh database named
-    after ``name`` (or on ``database_url``, a server the caller owns);
-    everything it started is torn down afterwards."""
+    after ``name`` (or on ``database_url``, a server the caller owns), with
+    ``app_args`` added to the app's args; everything it started is torn down
+    afterwards."""
     dbname, dsn = create_database(name) if database_url is None else (None, database_url)
     workdir = Path(tempfile.mkdtemp(prefix=f"{name}-"))
     app = LiveApp(
@@ -119,6 +123,7 @@ def running_live_app(name: str, database_url: str | None = None, redis_url: str 
         workdir=workdir,
         traces=OTLPReceiver().start(),
         redis_url=redis_url or REDIS_URL,
+        app_args=dict(app_args or {}),
     )
     started_ray = False
     try:
