@@ -3,10 +3,8 @@
 Makes N photos the way benchmarks/bulk_enroll.py does, then:
   1. each stage of the actor's work alone (decode, detect, crops + quality +
      JPEG, embedding and liveness a batch at a time), in CPU time of this thread,
-     with the alternatives side by side: detection on the whole working image
-     (the HTTP path's) and the job's enrolment search (sized by the quality
-     gate, serve_app/detection_path.py search_side), liveness on torch and on
-     OpenCV's DNN (the job's);
+     liveness both on torch (the Liveness deployment's runtime) and on OpenCV's
+     DNN (the job's);
   2. the whole EnrolWorker (its gates, database and crop writes included)
      over the same photos in batches, against a throwaway database.
 
@@ -44,7 +42,7 @@ def stages(paths: list[Path], batch: int) -> dict[str, float]:
     from models.liveness import LivenessModel
     from models.working_image import decode_working
     from serve_app.deployment_config import DetectorConfig
-    from serve_app.detection_path import _search, cut_face, search_side
+    from serve_app.detection_path import cut_face
 
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
@@ -53,7 +51,6 @@ def stages(paths: list[Path], batch: int) -> dict[str, float]:
                         max_side=cfg.max_side)
     emb, live = make_embedder("sface", intra_op_threads=1), LivenessModel(num_threads=1)
     live_cv = LivenessModel(num_threads=1, runtime="opencv")
-    gate = 2 * 0.5 * cfg.bars.min_face_px  # the job's default --min-quality 0.5
     spent: dict[str, float] = defaultdict(float)
 
     def clock(name: str, f: Callable[[], Any]) -> Any:
@@ -68,8 +65,7 @@ def stages(paths: list[Path], batch: int) -> dict[str, float]:
         work = clock("decode", lambda: decode_working(
             data, max_side=cfg.max_side, max_bytes=cfg.max_image_bytes, max_pixels=cfg.max_image_pixels,
             full_decode_bytes=cfg.full_decode_bytes))
-        found = clock("detect (whole working image)", lambda: det.detect(work.pixels))
-        clock("detect (enrolment search)", lambda: _search(det, work, search_side(work, gate)))
+        found = clock("detect", lambda: det.detect(work.pixels))
         if not found:
             continue
         f, inv = found[0], 1.0 / work.scale
@@ -127,13 +123,12 @@ def main() -> None:
     try:
         paths = make_images(folder / "people", args.images, per_subject=4)
         spent = stages(paths, args.batch_size)
-        old = {k: v for k, v in spent.items() if "enrolment search" not in k and "opencv" not in k}
-        new = {k: v for k, v in spent.items() if "whole working" not in k and "torch" not in k}
-        for label, part in (("HTTP path's detection, torch liveness", old), ("the job's", new)):
+        for runtime, other in (("torch", "opencv"), ("opencv", "torch")):
+            part = {k: v for k, v in spent.items() if other not in k}
             total = sum(part.values())
-            print(f"stages alone, {label}: {1000 * total / len(paths):.1f} ms of CPU a photo")
+            print(f"stages alone, liveness on {runtime}: {1000 * total / len(paths):.1f} ms of CPU a photo")
             for name, s in part.items():
-                print(f"  {name:28s} {1000 * s / len(paths):6.1f} ms  {100 * s / total:4.1f} %")
+                print(f"  {name:20s} {1000 * s / len(paths):6.1f} ms  {100 * s / total:4.1f} %")
         n, cpu, wall = whole_worker(folder, args.batch_size)
         print(f"EnrolWorker (gates, database and crop writes included): {1000 * cpu / n:.1f} ms of CPU a photo, "
               f"{1000 * wall / n:.1f} ms wall")

@@ -113,18 +113,16 @@ class FaceDetector:
             raise ValueError(f"max_side must be at least 64 pixels, got {max_side}")
         self.max_side = int(max_side) if max_side else None
 
-    def _first_pass(self, rgb: np.ndarray, max_side: int | None = None) -> _Raw:
-        """Detect on the image shrunk to max_side (the call's, else the
-        detector's), in original coordinates.
+    def _first_pass(self, rgb: np.ndarray) -> _Raw:
+        """Detect on the image shrunk to max_side, in original coordinates.
 
         Detector cost grows with pixels while faces that matter for
         recognition stay large: a 12 MP phone photo is searched at ~1.6 MP.
         """
         h, w = rgb.shape[:2]
-        side = max_side or self.max_side
-        if not side or max(h, w) <= side:
+        if not self.max_side or max(h, w) <= self.max_side:
             return self._detect_raw(rgb)
-        scale = side / max(h, w)
+        scale = self.max_side / max(h, w)
         sw, sh = max(1, round(w * scale)), max(1, round(h * scale))
         small = cv2.resize(rgb, (sw, sh), interpolation=cv2.INTER_AREA)
         sx, sy = sw / w, sh / h
@@ -135,16 +133,10 @@ class FaceDetector:
     def _detect_raw(self, rgb: np.ndarray) -> _Raw:
         raise NotImplementedError
 
-    def detect(self, rgb: np.ndarray, max_side: int | None = None) -> list[DetectedFace]:
-        """Faces in ``rgb``, largest first. ``max_side`` (>= 64) shrinks the
-        first pass further than the detector's own max_side for this call
-        (serve_app/detection_path.py search_side: enrolment searches only as
-        finely as its smallest acceptable face needs)."""
+    def detect(self, rgb: np.ndarray) -> list[DetectedFace]:
         rgb = _check_rgb(rgb)
-        if max_side is not None and int(max_side) < 64:
-            raise ValueError(f"max_side must be at least 64 pixels, got {max_side}")
         h, w = rgb.shape[:2]
-        faces = self._finish(*self._first_pass(rgb, max_side), width=w, height=h)
+        faces = self._finish(*self._first_pass(rgb), width=w, height=h)
         if not faces:
             return self._detect_padded(rgb)
         filling = [i for i, f in enumerate(faces)

@@ -51,56 +51,6 @@ def read_batch(batch: dict[str, Any]) -> dict[str, list[Any]]:
     return out
 
 
-def size_gate(min_quality: float, min_face_px: float) -> float:
-    """The smallest face_px whose too_small sub-score reaches ``min_quality``.
-
-    That sub-score is face_px / (2 * min_face_px), clipped to [0, 1]
-    (models/quality.py), so a face at least this large passes the size part
-    of the quality bar and a smaller one fails the bar whatever else it is.
-    0 when there is no bar.
-    """
-    return 2.0 * min_quality * min_face_px if min_quality > 0 else 0.0
-
-
-def choose_face(faces: list[Any], *, largest: bool, min_face_px: float) -> tuple[int | None, str, str]:
-    """(index of the face to enrol, "", "") or (None, reason, detail).
-
-    Faces come largest first. Only faces that pass the size gate
-    (face_px >= min_face_px, see size_gate) count: a smaller face could not
-    be enrolled, and the detector's enrolment search does not look for it
-    (serve_app/detection_path.py), so a passer-by far behind the subject
-    neither makes the photo ambiguous nor depends on whether it was found.
-    When no face passes it the photo is judged by all its faces, as without
-    a gate (no_face, multiple_faces, or the largest face's quality reasons).
-    """
-    if not faces:
-        return None, "no_face", ""
-    counted = [i for i, f in enumerate(faces) if min_face_px <= 0 or _face_px(f) >= min_face_px]
-    if not counted:
-        counted = list(range(len(faces)))
-    if len(counted) > 1 and not largest:
-        return None, "multiple_faces", f"{len(counted)} faces"
-    return counted[0], "", ""
-
-
-def judge_faces(faces: list[Any], *, largest: bool, min_quality: float,
-                min_face_px: float) -> tuple[int | None, str, str]:
-    """choose_face, then the chosen face's quality bar: (index, "", "") or
-    (None, reason, detail)."""
-    i, reason, detail = choose_face(faces, largest=largest, min_face_px=min_face_px)
-    if i is None:
-        return None, reason, detail
-    q = faces[i].quality
-    if q is not None and float(q["score"]) < min_quality:
-        return None, "low_quality", ",".join(q["reasons"]) or f"score {q['score']}"
-    return i, "", ""
-
-
-def _face_px(face: Any) -> float:
-    q = face.quality
-    return float(q["measures"]["face_px"]) if q is not None else float("inf")
-
-
 @dataclass
 class Pending:
     """One image on its way through a batch."""
@@ -143,7 +93,6 @@ class EnrolWorker:
         self.liveness = LivenessModel(num_threads=threads, runtime="opencv") if liveness != "off" else None
         self.live_threshold = DEFAULT_LIVE_THRESHOLD
         self.largest, self.min_quality, self.dry_run = largest, min_quality, dry_run
-        self.min_face_px = size_gate(min_quality, self.cfg.bars.min_face_px)
         self.objects = ObjectStore(object_store_url)
         self.loop = asyncio.new_event_loop()
         self.repo = GalleryRepository(self.loop.run_until_complete(create_pool(database_url, min_size=1, max_size=2)))
@@ -255,7 +204,7 @@ class EnrolWorker:
         keep = []
         for p in pending:
             try:
-                det = run_detection(self.detector, p.data, self.cfg, opts, smallest_face_px=self.min_face_px)
+                det = run_detection(self.detector, p.data, self.cfg, opts)
             except ImageUnsupported as exc:
                 done(p.row, "rejected", "unsupported_format", str(exc))
                 continue
@@ -269,14 +218,20 @@ class EnrolWorker:
                 done(p.row, "failed", type(exc).__name__, str(exc))
                 continue
             p.data = b""  # the image's bytes are no longer needed
-            i, reason, detail = judge_faces(det.faces, largest=self.largest, min_quality=self.min_quality,
-                                            min_face_px=self.min_face_px)
-            if i is None:
-                done(p.row, "rejected", reason, detail)
+            if len(det) == 0:
+                done(p.row, "rejected", "no_face")
                 continue
-            p.face, p.aligned = det.faces[i], det.aligned[i]
-            p.jpeg = det.enrol_crops[i] if det.enrol_crops else None
-            p.live = {s: c[i:i + 1] for s, c in det.liveness_crops.items()} if det.liveness_crops else None
+            if len(det) > 1 and not self.largest:
+                done(p.row, "rejected", "multiple_faces", f"{len(det)} faces")
+                continue
+            face = det.faces[0]  # largest first
+            q = face.quality
+            if q is not None and float(q["score"]) < self.min_quality:  # type: ignore[arg-type]
+                done(p.row, "rejected", "low_quality", ",".join(q["reasons"]) or f"score {q['score']}")  # type: ignore[arg-type]
+                continue
+            p.face, p.aligned = face, det.aligned[0]
+            p.jpeg = det.enrol_crops[0] if det.enrol_crops else None
+            p.live = {s: c[:1] for s, c in det.liveness_crops.items()} if det.liveness_crops else None
             keep.append(p)
         if self.liveness is not None and keep:
             scales = keep[0].live or {}
