@@ -76,6 +76,7 @@ def stages(paths: list[Path], batch: int) -> dict[str, float]:
         crops.append(c.liveness)
     a = np.stack(aligned)
     clock("embed", lambda: [emb.embed(a[i:i + batch]) for i in range(0, len(a), batch)])
+    clock("embed one face a call", lambda: [emb.embed(a[i:i + 1]) for i in range(len(a))])
     lv = {s: np.stack([c[s] for c in crops]) for s in crops[0]}
     clock("liveness (torch)", lambda: [live.predict({s: v[i:i + batch] for s, v in lv.items()})
                                        for i in range(0, len(a), batch)])
@@ -123,6 +124,9 @@ def main() -> None:
     try:
         paths = make_images(folder / "people", args.images, per_subject=4)
         spent = stages(paths, args.batch_size)
+        one = spent.pop("embed one face a call")
+        print(f"SFace one face a forward: {1000 * one / len(paths):.1f} ms of CPU a photo "
+              f"(batches of {args.batch_size}: {1000 * spent['embed'] / len(paths):.1f})")
         for runtime, other in (("torch", "opencv"), ("opencv", "torch")):
             part = {k: v for k, v in spent.items() if other not in k}
             total = sum(part.values())
