@@ -2,7 +2,9 @@
 
 Makes N photos the way benchmarks/bulk_enroll.py does, then:
   1. each stage of the actor's work alone (decode, detect, crops + quality +
-     JPEG, embedding and liveness a batch at a time), in CPU time of this thread;
+     JPEG, embedding and liveness a batch at a time), in CPU time of this thread,
+     liveness both on torch (the Liveness deployment's runtime) and on OpenCV's
+     DNN (the job's);
   2. the whole EnrolWorker (its gates, database and crop writes included)
      over the same photos in batches, against a throwaway database.
 
@@ -48,6 +50,7 @@ def stages(paths: list[Path], batch: int) -> dict[str, float]:
     det = make_detector(cfg.detector, score_threshold=cfg.score_threshold, min_face_size=cfg.min_face_size,
                         max_side=cfg.max_side)
     emb, live = make_embedder("sface", intra_op_threads=1), LivenessModel(num_threads=1)
+    live_cv = LivenessModel(num_threads=1, runtime="opencv")
     spent: dict[str, float] = defaultdict(float)
 
     def clock(name: str, f: Callable[[], Any]) -> Any:
@@ -73,9 +76,12 @@ def stages(paths: list[Path], batch: int) -> dict[str, float]:
         crops.append(c.liveness)
     a = np.stack(aligned)
     clock("embed", lambda: [emb.embed(a[i:i + batch]) for i in range(0, len(a), batch)])
+    clock("embed one face a call", lambda: [emb.embed(a[i:i + 1]) for i in range(len(a))])
     lv = {s: np.stack([c[s] for c in crops]) for s in crops[0]}
-    clock("liveness", lambda: [live.predict({s: v[i:i + batch] for s, v in lv.items()})
-                               for i in range(0, len(a), batch)])
+    clock("liveness (torch)", lambda: [live.predict({s: v[i:i + batch] for s, v in lv.items()})
+                                       for i in range(0, len(a), batch)])
+    clock("liveness (opencv)", lambda: [live_cv.predict({s: v[i:i + batch] for s, v in lv.items()})
+                                        for i in range(0, len(a), batch)])
     return dict(spent)
 
 
@@ -118,10 +124,15 @@ def main() -> None:
     try:
         paths = make_images(folder / "people", args.images, per_subject=4)
         spent = stages(paths, args.batch_size)
-        total = sum(spent.values())
-        print(f"stages alone: {1000 * total / len(paths):.1f} ms of CPU a photo")
-        for name, s in spent.items():
-            print(f"  {name:20s} {1000 * s / len(paths):6.1f} ms  {100 * s / total:4.1f} %")
+        one = spent.pop("embed one face a call")
+        print(f"SFace one face a forward: {1000 * one / len(paths):.1f} ms of CPU a photo "
+              f"(batches of {args.batch_size}: {1000 * spent['embed'] / len(paths):.1f})")
+        for runtime, other in (("torch", "opencv"), ("opencv", "torch")):
+            part = {k: v for k, v in spent.items() if other not in k}
+            total = sum(part.values())
+            print(f"stages alone, liveness on {runtime}: {1000 * total / len(paths):.1f} ms of CPU a photo")
+            for name, s in part.items():
+                print(f"  {name:20s} {1000 * s / len(paths):6.1f} ms  {100 * s / total:4.1f} %")
         n, cpu, wall = whole_worker(folder, args.batch_size)
         print(f"EnrolWorker (gates, database and crop writes included): {1000 * cpu / n:.1f} ms of CPU a photo, "
               f"{1000 * wall / n:.1f} ms wall")

@@ -89,7 +89,8 @@ class EnrolWorker:
         self.detector = make_detector(self.cfg.detector, score_threshold=self.cfg.score_threshold,
                                       min_face_size=self.cfg.min_face_size, max_side=self.cfg.max_side)
         self.liveness_policy = liveness
-        self.liveness = LivenessModel(num_threads=threads) if liveness != "off" else None
+        # OpenCV runtime: torch's scores at a third of its CPU (models/liveness.py).
+        self.liveness = LivenessModel(num_threads=threads, runtime="opencv") if liveness != "off" else None
         self.live_threshold = DEFAULT_LIVE_THRESHOLD
         self.largest, self.min_quality, self.dry_run = largest, min_quality, dry_run
         self.objects = ObjectStore(object_store_url)

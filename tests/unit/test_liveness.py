@@ -291,3 +291,23 @@ def test_liveness_crop_pixels_and_colour_order():
     # the crop is cut from the (unclipped) image region: near-border crops still have full size
     edge = liveness_crop(rgb, (0, 0, 30, 30), 4.0)
     assert edge.shape == (CROP_SIZE, CROP_SIZE, 3)
+
+
+def test_opencv_runtime_gives_torchs_scores(model, shared_faces) -> None:
+    """The bulk job's runtime: the same weights on OpenCV's DNN, the same
+    probabilities (live and spoof photos, every face batched, and random
+    crops), and the same verdicts."""
+    cv = LivenessModel(models_dir=MODELS, allow_download=False, num_threads=None, runtime="opencv")
+    crops = {s.scale: np.stack([liveness_crop(rgb, box, s.scale) for rgb, box in shared_faces.values()])
+             for s in LIVENESS_SPECS}
+    np.testing.assert_allclose(cv.predict_proba(crops), model.predict_proba(crops), atol=1e-5)
+    assert [bool(v >= DEFAULT_LIVE_THRESHOLD) for v in cv.predict(crops)] == [True, False, False]
+    rng = np.random.default_rng(3)
+    noise = {s.scale: rng.integers(0, 256, (5, CROP_SIZE, CROP_SIZE, 3), np.uint8) for s in LIVENESS_SPECS}
+    np.testing.assert_allclose(cv.predict_proba(noise), model.predict_proba(noise), atol=1e-5)
+    assert cv.predict_proba({s.scale: noise[s.scale][:0] for s in LIVENESS_SPECS}).shape == (0, 3)
+
+
+def test_unknown_runtime_is_refused() -> None:
+    with pytest.raises(ValueError, match="runtime"):
+        LivenessModel(models_dir=MODELS, allow_download=False, num_threads=None, runtime="tflite")
