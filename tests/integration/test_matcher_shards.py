@@ -30,27 +30,10 @@ from serve_app.gallery.shards import WHOLE, Shard, merge_results
 from serve_app.messages import MatchResult
 from tests.conftest import people
 from tests.integration.conftest import LiveApp, running_live_app
+from tests.integration.test_matcher_state import _enrol, _vec  # the same synthetic gallery
 
 DIM = 8
 N = 2
-
-
-def _vec(rng: np.random.Generator, dim: int = DIM) -> np.ndarray:
-    v = rng.standard_normal(dim).astype(np.float32)
-    return v / np.linalg.norm(v)
-
-
-async def _enrol(repo: GalleryRepository, col: Collection, rng: np.random.Generator, subjects: int,
-                 faces: int) -> list[tuple[uuid.UUID, int]]:
-    out = []
-    for _ in range(subjects):
-        sub = await repo.create_subject(col, f"s{uuid.uuid4().hex[:8]}")
-        for _ in range(faces):
-            face, _seq = await repo.add_face(
-                col, sub.id, embedding=_vec(rng, col.dim), model=col.embedder, image_sha256="0" * 64,
-                crop_key=None, box={"x1": 0, "y1": 0, "x2": 1, "y2": 1}, det_score=0.9)
-            out.append((sub.id, face.id))
-    return out
 
 
 def _held(g: GalleryIndex) -> dict[int, list[int]]:
