@@ -40,6 +40,11 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from serve_app.cluster import shard_matcher_entries  # noqa: E402  (the same expansion as `faceserve start`)
+
 K8S = ROOT / "k8s"
 SERVE_CONFIG = ROOT / "serve_config.yaml"
 HA_VALUES = K8S / "overlays" / "ha" / "ha-values.yaml"
@@ -113,14 +118,33 @@ def custom_resource(group: str) -> str:
     return f"faceserve_{group}"
 
 
+def matcher_shards(values: dict) -> int:
+    n = values.get("matcher_shards", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"ha-values.yaml: matcher_shards must be a positive integer, got {n!r}")
+    return n
+
+
+def _group_of(name: str, groups: dict[str, dict]) -> dict | None:
+    # Matcher shards (`Matcher-<s>`) share the Matcher group's sizing and pods.
+    if name not in groups and re.fullmatch(r"Matcher-\d+", name):
+        return groups.get("Matcher")
+    return groups.get(name)
+
+
 def ha_serve_config(config: dict, values: dict) -> dict:
-    """serve_config.yaml with the ha values applied."""
+    """serve_config.yaml with the ha values applied; with matcher_shards > 1
+    the Matcher entry becomes one per shard (docs/SCALING.md)."""
     config = copy.deepcopy(config)
     groups = {g["deployment"]: g for g in values["groups"]}
+    shards = matcher_shards(values)
     for app in config["applications"]:
+        if shards > 1:
+            app["args"] = {**app.get("args", {}), "matcher_shards": shards}
+            app["deployments"] = shard_matcher_entries(app.get("deployments", []), shards)
         for dep in app.get("deployments", []):
             merged = _deep_merge(dep, values.get("all_deployments", {}))
-            g = groups.get(dep["name"])
+            g = _group_of(dep["name"], groups)
             if g is None:
                 raise ValueError(f"ha-values.yaml has no group for deployment {dep['name']}")
             merged = _deep_merge(merged, {
@@ -136,6 +160,8 @@ def ha_serve_config(config: dict, values: dict) -> dict:
             dep.clear()
             dep.update(merged)
     names = {d["name"] for a in config["applications"] for d in a.get("deployments", [])}
+    if shards > 1:
+        names.add("Matcher")
     missing = set(groups) - names
     if missing:
         raise ValueError(f"ha-values.yaml names unknown deployments {sorted(missing)}")
@@ -184,15 +210,18 @@ def _ray_start_resources(group: str) -> str:
 def worker_groups(base_rayservice: dict, values: dict) -> list[dict]:
     template = base_rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
     out = []
+    shards = matcher_shards(values)
     for g in values["groups"]:
         wg = copy.deepcopy(template)
         name = g["group"]
         if g["min_replicas"] > g["max_replicas"]:
             raise ValueError(f"group {name}: min_replicas > max_replicas")
+        # One pod per replica: every matcher shard has the group's replicas.
+        per = shards if g["deployment"] == "Matcher" else 1
         wg["groupName"] = name
-        wg["replicas"] = g["min_replicas"]
-        wg["minReplicas"] = g["min_replicas"]
-        wg["maxReplicas"] = g["max_replicas"]
+        wg["replicas"] = g["min_replicas"] * per
+        wg["minReplicas"] = g["min_replicas"] * per
+        wg["maxReplicas"] = g["max_replicas"] * per
         wg["rayStartParams"] = {
             "num-cpus": str(g["node_cpus"]),
             "resources": _ray_start_resources(name),

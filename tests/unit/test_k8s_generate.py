@@ -116,6 +116,40 @@ def test_ha_values_must_cover_every_deployment():
         gen.ha_serve_config(_serve_config(), values)
 
 
+def test_matcher_shards_become_one_deployment_each_on_the_matcher_pods():
+    values = yaml.safe_load(gen.HA_VALUES.read_text())
+    assert values["matcher_shards"] == 1  # the committed ha overlay: one Matcher
+    values["matcher_shards"] = 3
+    base_rs = yaml.safe_load(gen.BASE_RAYSERVICE.read_text())
+    ops = gen.ha_patch(_serve_config(), values, base_rs)
+    from ray.serve.schema import ServeDeploySchema
+
+    serve = yaml.safe_load(ops[0]["value"])
+    ServeDeploySchema.model_validate(serve)
+    app = serve["applications"][0]
+    assert app["args"]["matcher_shards"] == 3
+    deps = {d["name"]: d for d in app["deployments"]}
+    assert "Matcher" not in deps and {"Matcher-0", "Matcher-1", "Matcher-2"} <= set(deps)
+    group = next(g for g in values["groups"] if g["deployment"] == "Matcher")
+    for s in range(3):
+        d = deps[f"Matcher-{s}"]
+        assert d["ray_actor_options"]["resources"] == {"faceserve_matcher": 1}
+        assert d["autoscaling_config"]["min_replicas"] == group["min_replicas"]
+        assert d["health_check_period_s"] == values["all_deployments"]["health_check_period_s"]
+    pods = next(g for g in ops[1]["value"] if g["groupName"] == "matcher")
+    assert (pods["minReplicas"], pods["maxReplicas"]) == (3 * group["min_replicas"], 3 * group["max_replicas"])
+    api = next(g for g in ops[1]["value"] if g["groupName"] == "api")
+    assert api["minReplicas"] == next(g for g in values["groups"] if g["deployment"] == "Ingress")["min_replicas"]
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_matcher_shards_must_be_a_positive_integer(bad):
+    values = yaml.safe_load(gen.HA_VALUES.read_text())
+    values["matcher_shards"] = bad
+    with pytest.raises(ValueError, match="matcher_shards"):
+        gen.ha_serve_config(_serve_config(), values)
+
+
 @pytest.mark.skipif(not RULES.is_file(), reason="monitoring/rules/face-recognition-rules.yml not written yet")
 def test_prometheusrule_is_the_rules_file():
     rule = M.one(M.rendered("ha"), "PrometheusRule", "faceserve-rules")
