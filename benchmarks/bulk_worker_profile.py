@@ -3,8 +3,8 @@
 Makes N photos the way benchmarks/bulk_enroll.py does, then:
   1. each stage of the actor's work alone (decode, detect, crops + quality +
      JPEG, embedding and liveness a batch at a time), in CPU time of this thread,
-     liveness both on torch (the Liveness deployment's runtime) and on OpenCV's
-     DNN (the job's);
+     liveness both on torch and on OpenCV's DNN (what the job and the
+     Liveness deployment run);
   2. the whole EnrolWorker (its gates, database and crop writes included)
      over the same photos in batches, against a throwaway database.
 

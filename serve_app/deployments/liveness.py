@@ -1,6 +1,7 @@
 """Liveness deployment: passive anti-spoofing on the detector's context crops.
 
-Batched by faces like the embedder (serve_app/deployments/embedder.py).
+Batched by faces like the embedder (serve_app/deployments/embedder.py); the
+models run on OpenCV's DNN (models/liveness.py, runtime "opencv").
 """
 from __future__ import annotations
 
@@ -25,7 +26,14 @@ class Liveness:
     def __init__(self, settings: Settings) -> None:
         settings.apply_models_dir()
         settings.setup_telemetry("Liveness")
-        self._model = LivenessModel(num_threads=settings.inference_threads or model_threads())
+        threads = settings.inference_threads or model_threads()
+        import cv2
+
+        cv2.setNumThreads(threads)
+        # OpenCV's DNN runs the same MiniFASNet weights (exported to ONNX in
+        # memory at load) with torch's probabilities for about half its CPU
+        # on these small depthwise nets (docs/BULK.md, benchmarks/bulk_worker_profile.py).
+        self._model = LivenessModel(num_threads=threads, runtime="opencv")
         self._config = LivenessConfig(threshold=DEFAULT_LIVE_THRESHOLD)
         self._metrics = ServiceMetrics(settings.metrics_enabled)
         self._stage = BatchedStage("liveness", self._metrics, span="Liveness.check")
