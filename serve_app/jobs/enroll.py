@@ -59,7 +59,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     if args.model not in EMBEDDER_NAMES:
         p.error(f"--model must be one of {', '.join(EMBEDDER_NAMES)}")
-    _defaults_from_data_dir(args)
     if args.batch_size < 1 or args.concurrency < 0 or args.segment_size < 1 or args.cpus_per_worker <= 0:
         p.error("--batch-size and --segment-size must be >= 1, --concurrency >= 0, --cpus-per-worker > 0")
     if not 0.0 <= args.min_quality <= 1.0:
@@ -68,7 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _defaults_from_data_dir(args: argparse.Namespace) -> None:
-    """What `faceserve start` uses when DATABASE_URL / the object store are not set."""
+    """What `faceserve start` uses when DATABASE_URL / the object store are not set.
+
+    May start the embedded PostgreSQL, so main() calls it, not parse_args():
+    checking a command line must not start a server."""
     if args.database_url and args.object_store_url:
         return
     from pathlib import Path
@@ -153,6 +155,7 @@ def run(args: argparse.Namespace) -> Report:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    _defaults_from_data_dir(args)
     try:
         report = run(args)
     except SourceError as exc:

@@ -67,9 +67,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             or args.max_rounds < 1:
         p.error("--batch-size, --segment-size and --max-rounds must be >= 1, --concurrency >= 0, "
                 "--cpus-per-worker > 0")
-    from serve_app.jobs.enroll import _defaults_from_data_dir
-
-    _defaults_from_data_dir(args)
     return args
 
 
@@ -211,6 +208,9 @@ def _stage_round(d: Driver, col: Any, args: argparse.Namespace, report: ReembedR
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    from serve_app.jobs.enroll import _defaults_from_data_dir
+
+    _defaults_from_data_dir(args)  # may start the embedded PostgreSQL: not in parse_args
     try:
         report = run(args)
     except JobError as exc:
