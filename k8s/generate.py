@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from serve_app.cluster import shard_matcher_entries  # noqa: E402  (the same expansion as `faceserve start`)
+from serve_app.cluster import config_entry_of, shard_matcher_entries  # noqa: E402  (the same expansion as `faceserve start`)
 
 K8S = ROOT / "k8s"
 SERVE_CONFIG = ROOT / "serve_config.yaml"
@@ -127,9 +127,7 @@ def matcher_shards(values: dict) -> int:
 
 def _group_of(name: str, groups: dict[str, dict]) -> dict | None:
     # Matcher shards (`Matcher-<s>`) share the Matcher group's sizing and pods.
-    if name not in groups and re.fullmatch(r"Matcher-\d+", name):
-        return groups.get("Matcher")
-    return groups.get(name)
+    return groups.get(name) or groups.get(config_entry_of(name))
 
 
 def ha_serve_config(config: dict, values: dict) -> dict:

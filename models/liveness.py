@@ -368,8 +368,9 @@ class LivenessModel:
     module instead (each model exported to ONNX in memory once, at load):
     the same probabilities (largest difference ~1e-7 on random crops) for
     about a third of torch's CPU time on these small depthwise networks
-    (benchmarks/bulk_worker_profile.py). The bulk enrolment job uses it;
-    OpenCV's thread pool is sized by the caller (cv2.setNumThreads).
+    (benchmarks/bulk_worker_profile.py). The Liveness deployment and the bulk
+    enrolment job use it; OpenCV's thread pool is sized by the caller
+    (cv2.setNumThreads).
     """
 
     def __init__(

@@ -217,10 +217,14 @@ def deploy_config(
     return config
 
 
+def config_entry_of(name: str) -> str:
+    """The serve_config.yaml entry a deployment takes its options from: a
+    matcher shard (`Matcher-<s>`) takes the `Matcher` entry's."""
+    return "Matcher" if re.fullmatch(r"Matcher-\d+", name) else name
+
+
 def _overrides_for(name: str, overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    if re.fullmatch(r"Matcher-\d+", name):
-        return {**overrides.get("Matcher", {}), **overrides.get(name, {})}
-    return overrides.get(name, {})
+    return {**overrides.get(config_entry_of(name), {}), **overrides.get(name, {})}
 
 
 def shard_matcher_entries(deployments: list[dict[str, Any]], shards: int) -> list[dict[str, Any]]:
